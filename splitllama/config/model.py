@@ -1,0 +1,249 @@
+"""Model configuration: two LLaMA configs (lower / upper) and how they are stitched.
+
+`LlamaBlockConfig` mirrors the fields of a HF LLaMA ``config.json`` that matter here.
+`ModelConfig` says which layers of each are used (first N of the lower, last M of the
+upper) and whether the adapter is one linear or a two-layer MLP. Presets for LLaMA-3 /
+3.1 8B and 70B and a tiny CPU pair live here; they are the one source of these numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaBlockConfig:
+    """Shape and numerics of one source LLaMA model (only what SplitLlama uses)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_hidden_layers: int
+    vocab_size: int = 128256
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict] = None  # HF form, e.g. {"rope_type": "llama3", "factor": 8, ...}
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return str(self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default")))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "<dict>") -> "LlamaBlockConfig":
+        """Build from a HF ``config.json`` dict (transformers 4.x or 5.x field names)."""
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                               "num_hidden_layers", "vocab_size") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: not a LLaMA-style config, missing fields {missing}")
+        rope = d.get("rope_parameters")  # transformers 5 folds theta + scaling into one dict
+        rope_theta = d.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+        scaling = d.get("rope_scaling")
+        if scaling is None and rope and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        return cls(
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_attention_heads=int(d["num_attention_heads"]),
+            num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            vocab_size=int(d["vocab_size"]),
+            head_dim=d.get("head_dim"),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            model_type=str(d.get("model_type", "llama")),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str) -> "LlamaBlockConfig":
+        cfg_file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+        if not os.path.exists(cfg_file):
+            raise FileNotFoundError(f"no HF config at {cfg_file}")
+        with open(cfg_file) as f:
+            return cls.from_hf_dict(json.load(f), source=cfg_file)
+
+    def to_hf_dict(self) -> dict:
+        """A transformers ``LlamaConfig``-compatible dict."""
+        d = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "head_dim": self.kv_channels,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": 128000 if self.vocab_size == 128256 else 1,
+            "eos_token_id": 128001 if self.vocab_size == 128256 else 2,
+        }
+        return d
+
+
+_LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, LlamaBlockConfig] = {
+    "llama3_8b": LlamaBlockConfig(4096, 14336, 32, 8, 32),
+    "llama3_70b": LlamaBlockConfig(8192, 28672, 64, 8, 80),
+    "llama31_8b": LlamaBlockConfig(4096, 14336, 32, 8, 32, rope_scaling=_LLAMA31_SCALING,
+                                   max_position_embeddings=131072),
+    "llama31_70b": LlamaBlockConfig(8192, 28672, 64, 8, 80, rope_scaling=_LLAMA31_SCALING,
+                                    max_position_embeddings=131072),
+    # Tiny CPU pair: different widths, GQA with >1 group and >1 head per group, llama3 scaling
+    # with a short original context so short test sequences exercise every frequency band.
+    "tiny_lower": LlamaBlockConfig(64, 160, 4, 2, 4, vocab_size=512, max_position_embeddings=256,
+                                   rope_scaling={**_LLAMA31_SCALING, "original_max_position_embeddings": 64}),
+    "tiny_upper": LlamaBlockConfig(128, 320, 8, 2, 6, vocab_size=512, max_position_embeddings=256,
+                                   rope_scaling={**_LLAMA31_SCALING, "original_max_position_embeddings": 64}),
+}
+
+
+def resolve_block(value: Any, what: str) -> LlamaBlockConfig:
+    """A block config from a preset name, a HF config dir/file, a dict, or an instance."""
+    if isinstance(value, LlamaBlockConfig):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in fields(LlamaBlockConfig)}
+        if "preset" in value:
+            return replace(resolve_block(value["preset"], what),
+                           **{k: v for k, v in value.items() if k != "preset"})
+        if set(value) <= names:
+            return LlamaBlockConfig(**value)
+        return LlamaBlockConfig.from_hf_dict(value, source=f"model.{what}")
+    if isinstance(value, str):
+        if value in PRESETS:
+            return PRESETS[value]
+        if os.path.exists(value):
+            return LlamaBlockConfig.from_hf_dir(value)
+        raise ValueError(f"model.{what}: '{value}' is neither a preset {sorted(PRESETS)} "
+                         f"nor an existing HF config path")
+    raise TypeError(f"model.{what}: expected preset name, path or dict, got {type(value).__name__}")
+
+
+@dataclass
+class ModelConfig:
+    """The stitched model: first `num_layers_lower` of `lower`, adapter, last `num_layers_upper` of `upper`."""
+
+    lower: Any = "tiny_lower"
+    upper: Any = "tiny_upper"
+    num_layers_lower: int = 2
+    num_layers_upper: int = 3
+    mlp: bool = False
+    path_lower: Optional[str] = None  # where the HF lower model lives (seed field path8b)
+    path_upper: Optional[str] = None  # seed field path70b
+    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    init_method_std: float = 0.02
+    # Which parameters train: "none" (all train), "all_but_adapter" (adapter-only warmup),
+    # or "all_but:<comma-separated name substrings>" to keep extra groups (e.g. norms) trainable.
+    freeze: str = "none"
+
+    def __post_init__(self) -> None:
+        self.lower = resolve_block(self.lower, "lower")
+        self.upper = resolve_block(self.upper, "upper")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lower.vocab_size
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return self.upper.rms_norm_eps
+
+    @property
+    def upper_first_layer(self) -> int:
+        """HF index of the first upper layer used (L70 - M)."""
+        return self.upper.num_hidden_layers - self.num_layers_upper
+
+    def validate(self, tensor_model_parallel_size: int = 1) -> None:
+        """Raise one ValueError naming the first problem found."""
+        if self.transformer_impl not in ("auto", "local", "transformer_engine"):
+            raise ValueError(f"model.transformer_impl must be auto|local|transformer_engine, "
+                             f"got '{self.transformer_impl}'")
+        for name, n, blk in (("num_layers_lower", self.num_layers_lower, self.lower),
+                             ("num_layers_upper", self.num_layers_upper, self.upper)):
+            if not 1 <= n <= blk.num_hidden_layers:
+                raise ValueError(f"model.{name}={n} out of range: the source model has "
+                                 f"{blk.num_hidden_layers} layers (need 1..{blk.num_hidden_layers})")
+        if self.lower.vocab_size != self.upper.vocab_size:
+            raise ValueError(f"vocab sizes differ: lower {self.lower.vocab_size} vs upper "
+                             f"{self.upper.vocab_size}; the two models must share a tokenizer")
+        tp = tensor_model_parallel_size
+        for which, blk in (("lower", self.lower), ("upper", self.upper)):
+            if blk.model_type not in ("llama",):
+                raise ValueError(f"model.{which}: model_type '{blk.model_type}' is not LLaMA")
+            if blk.rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(f"model.{which}: unsupported rope type '{blk.rope_type}' "
+                                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+            if blk.hidden_size % blk.num_attention_heads:
+                raise ValueError(f"model.{which}: hidden_size {blk.hidden_size} not divisible by "
+                                 f"num_attention_heads {blk.num_attention_heads}")
+            if blk.num_attention_heads % blk.num_key_value_heads:
+                raise ValueError(f"model.{which}: num_attention_heads {blk.num_attention_heads} not "
+                                 f"divisible by num_key_value_heads {blk.num_key_value_heads}")
+            for what, val in (("num_attention_heads", blk.num_attention_heads),
+                              ("num_key_value_heads", blk.num_key_value_heads),
+                              ("intermediate_size", blk.intermediate_size),
+                              ("vocab_size", blk.vocab_size)):
+                if val % tp:
+                    raise ValueError(f"tensor_model_parallel_size {tp} does not divide "
+                                     f"model.{which}.{what}={val}")
+
+    # ---- seed (CustomSplitLLamaForCausalLM) JSON schema -------------------------------------
+    def to_seed_dict(self) -> dict:
+        return {
+            "architectures": ["CustomSplitLLamaForCausalLM"],
+            "model_type": "custom_split_llama",
+            "path8b": self.path_lower,
+            "path70b": self.path_upper,
+            "num_layers_8": self.num_layers_lower,
+            "num_layers_70": self.num_layers_upper,
+            "mlp": self.mlp,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "config8b": self.lower.to_hf_dict(),
+            "config70b": self.upper.to_hf_dict(),
+        }
+
+    @classmethod
+    def from_seed_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":
+        if "CustomSplitLLamaForCausalLM" not in (d.get("architectures") or []):
+            raise ValueError(f"{source}: architectures {d.get('architectures')} is not "
+                             f"['CustomSplitLLamaForCausalLM']")
+        lower = d.get("config8b") or d.get("path8b")
+        upper = d.get("config70b") or d.get("path70b")
+        if lower is None or upper is None:
+            raise ValueError(f"{source}: needs config8b/config70b or path8b/path70b")
+        return cls(lower=lower, upper=upper, num_layers_lower=int(d["num_layers_8"]),
+                   num_layers_upper=int(d["num_layers_70"]), mlp=bool(d.get("mlp", False)),
+                   path_lower=d.get("path8b"), path_upper=d.get("path70b"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lower"], d["upper"] = asdict(self.lower), asdict(self.upper)
+        return d

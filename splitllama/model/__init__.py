@@ -1,0 +1,1 @@
+"""SplitLlama model on Megatron-Core."""

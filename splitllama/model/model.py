@@ -1,0 +1,116 @@
+"""SplitLlamaModel: embedding -> lower block -> adapter -> upper block -> norm -> LM head.
+
+One instance is one pipeline stage: it builds only the units its stage owns (per the
+`PipelineLayout`), receives the previous stage's activation through `set_input_tensor`, and
+keeps Megatron's global layer numbering so `sharded_state_dict()` keys do not depend on PP.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from splitllama.config.model import ModelConfig
+from splitllama.model.adapter import Adapter
+from splitllama.model.norm import RMSNorm
+from splitllama.model.rope import build_rotary
+from splitllama.model.spec import layer_spec
+from splitllama.pipeline.layout import PipelineLayout
+
+
+class SplitLlamaModel(LanguageModule):
+    def __init__(self, model_cfg: ModelConfig, lower_config: TransformerConfig,
+                 upper_config: TransformerConfig, layout: PipelineLayout, stage: int,
+                 impl: str = "local") -> None:
+        super().__init__(config=upper_config)
+        self.model_cfg = model_cfg
+        self.layout = layout
+        self.stage = stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        self.pre_process = stage == 0
+        self.post_process = stage == layout.pp - 1
+        self.input_tensor: Optional[torch.Tensor] = None
+        own = layout.stages[stage]
+        spec = layer_spec(impl)
+        cpu_init = upper_config.use_cpu_initialization
+
+        if self.pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=lower_config, vocab_size=model_cfg.vocab_size,
+                max_sequence_length=model_cfg.lower.max_position_embeddings,
+                position_embedding_type="rope")
+        if own.lower_layers:
+            # pre_process=True: the block takes the hidden states we pass, not its own input tensor.
+            self.lower = TransformerBlock(lower_config, spec, post_layer_norm=False,
+                                          pre_process=True, post_process=False)
+            self.lower_rotary = build_rotary(model_cfg.lower, cpu_init)
+        if own.adapter:
+            self.adapter = Adapter(upper_config, model_cfg.lower.hidden_size,
+                                   model_cfg.upper.hidden_size, model_cfg.mlp)
+        if own.upper_layers:
+            self.upper = TransformerBlock(upper_config, spec, post_layer_norm=False,
+                                          pre_process=True, post_process=False)
+            self.upper_rotary = build_rotary(model_cfg.upper, cpu_init)
+        if self.post_process:
+            self.final_layernorm = RMSNorm(upper_config, model_cfg.upper.hidden_size,
+                                           eps=model_cfg.upper.rms_norm_eps)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                model_cfg.upper.hidden_size, model_cfg.vocab_size, config=upper_config,
+                init_method=upper_config.init_method, bias=False, skip_bias_add=False,
+                gather_output=False)
+
+    # ---- pipeline plumbing ------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "SplitLlamaModel takes one input tensor per stage"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def input_hidden_size(self) -> int:
+        """Width of the activation this stage receives (0 for the first stage)."""
+        if self.pre_process:
+            return 0
+        up = self.layout.input_is_upper_width(self.stage)
+        return self.model_cfg.upper.hidden_size if up else self.model_cfg.lower.hidden_size
+
+    def output_hidden_size(self) -> int:
+        up = self.layout.output_is_upper_width(self.stage)
+        return self.model_cfg.upper.hidden_size if up else self.model_cfg.lower.hidden_size
+
+    def _full_seq_len(self, x: torch.Tensor) -> int:
+        if self.config.sequence_parallel:
+            return x.size(0) * parallel_state.get_tensor_model_parallel_world_size()
+        return x.size(0)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns this stage's output activation [s, b, h]; on the last stage the per-token
+        loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp]."""
+        if self.pre_process:
+            x = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        else:
+            x = self.input_tensor
+        if hasattr(self, "lower"):
+            x = self.lower(x, attention_mask=attention_mask,
+                           rotary_pos_emb=self.lower_rotary(self._full_seq_len(x)))
+        if hasattr(self, "adapter"):
+            x = self.adapter(x)
+        if hasattr(self, "upper"):
+            x = self.upper(x, attention_mask=attention_mask,
+                           rotary_pos_emb=self.upper_rotary(self._full_seq_len(x)))
+        if not self.post_process:
+            return x
+        x = self.final_layernorm(x)
+        logits, _ = self.output_layer(x)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)

@@ -1,0 +1,1 @@
+"""Platform specifics (CPU harness)."""

@@ -1,0 +1,45 @@
+"""Process-group and model-parallel setup (gloo + CPU harness without a GPU, NCCL with one)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from splitllama.config.parallel import ParallelConfig
+from splitllama.platform import cpu
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10) -> bool:
+    """Initialise torch.distributed (env:// from torchrun/SLURM, or a 1-process group) and
+    Megatron's model-parallel groups. Returns True when running on CPU."""
+    on_cpu = cpu.wanted()
+    if on_cpu:
+        cpu.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if not on_cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("gloo" if on_cpu else "nccl",
+                                timeout=datetime.timedelta(minutes=timeout_min))
+    parallel.validate(dist.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            create_gloo_process_groups=not on_cpu)
+    model_parallel_cuda_manual_seed(seed)
+    return on_cpu
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
