@@ -1,0 +1,132 @@
+"""The whole job's configuration: sections, YAML files and `key=value` overrides.
+
+Dataclass defaults are the one source of defaults; a YAML file holds only overrides; the
+command line overrides both (``train.train_iters=20`` or ``--train.train_iters 20``).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from splitllama.config.model import LlamaBlockConfig, ModelConfig
+from splitllama.config.parallel import ParallelConfig
+from splitllama.config.train import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainConfig
+from splitllama.data.config import DataConfig
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        d = {}
+        for f in fields(self):
+            sec = getattr(self, f.name)
+            d[f.name] = sec.to_dict() if hasattr(sec, "to_dict") else dataclasses.asdict(sec)
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _parse_scalar(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none", "~"):
+        return None
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Check/convert a value against the field's type hint; one clear error when it cannot."""
+    if value is None:
+        return None
+    target = hint
+    if get_origin(hint) is Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        target = args[0] if len(args) == 1 else Any
+    if target is Any or target is object:
+        return value
+    if target is bool and not isinstance(value, bool):
+        raise ValueError(f"{section}.{name}: expected true/false, got {value!r}")
+    if target is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"{section}.{name}: expected an integer, got {value!r}")
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is float:
+        raise ValueError(f"{section}.{name}: expected a number, got {value!r}")
+    if target is str and not isinstance(value, str):
+        return str(value)
+    if get_origin(target) is list and isinstance(value, str):
+        return value.split(",")
+    return value
+
+
+def _apply(job: JobConfig, section: str, key: str, value: Any) -> None:
+    sec_names = {f.name for f in fields(JobConfig)}
+    if section not in sec_names:
+        raise ValueError(f"unknown config section '{section}' (sections: {sorted(sec_names)})")
+    sec = getattr(job, section)
+    hints = get_type_hints(type(sec))
+    if key not in hints:
+        raise ValueError(f"unknown config key '{section}.{key}' (known: {sorted(hints)})")
+    setattr(sec, key, _coerce(section, key, hints[key], value))
+
+
+def load_job_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Defaults <- YAML file <- overrides (``section.key=value``)."""
+    job = JobConfig()
+    raw: dict = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of sections at top level")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: section '{section}' must be a mapping")
+        for key, value in values.items():
+            _apply(job, section, key, value)
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override '{item}' is not of the form section.key=value")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(job, section, key, _parse_scalar(text))
+    # re-resolve block presets / paths given as strings or dicts
+    job.model.__post_init__()
+    return job
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Accept ``--section.key value`` and ``--section.key=value`` as well as ``section.key=value``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and "." in a.split("=", 1)[0]:
+            if "=" in a:
+                out.append(a[2:])
+            else:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{a} needs a value")
+                out.append(f"{a[2:]}={argv[i + 1]}")
+                i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out

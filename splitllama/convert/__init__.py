@@ -1,0 +1,1 @@
+"""HF <-> Megatron-Core weight conversion."""
