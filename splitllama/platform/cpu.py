@@ -120,8 +120,13 @@ class _Stream:
         return False
 
 
-def _noop(*a, **k):
-    return None
+def _noop_factory():
+    # A distinct function per patched attribute: torch._dynamo's trace rules refuse one
+    # function object registered under several torch names.
+    def _noop(*a, **k):
+        return None
+
+    return _noop
 
 
 def _get_rng_state(device="cuda", clone=False, graph_safe=False):
@@ -143,9 +148,9 @@ def enable() -> None:
         return
     cuda = torch.cuda
     cuda.current_device = lambda: torch.device("cpu")
-    cuda.set_device = _noop
-    cuda.synchronize = _noop
-    cuda.empty_cache = _noop
+    cuda.set_device = _noop_factory()
+    cuda.synchronize = _noop_factory()
+    cuda.empty_cache = _noop_factory()
     cuda.Event = _Event
     cuda.Stream = _Stream
     cuda.current_stream = lambda *a, **k: _Stream()
@@ -153,14 +158,14 @@ def enable() -> None:
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                  "max_memory_reserved"):
-        setattr(cuda, name, lambda *a, **k: 0)
-    cuda.reset_peak_memory_stats = _noop
+        setattr(cuda, name, (lambda: (lambda *a, **k: 0))())
+    cuda.reset_peak_memory_stats = _noop_factory()
     cuda.get_rng_state = lambda *a, **k: _FAKE_CUDA_GEN.get_state()
     cuda.set_rng_state = lambda state, *a, **k: _FAKE_CUDA_GEN.set_state(state)
     cuda.manual_seed = _manual_seed
     cuda.manual_seed_all = _manual_seed
-    cuda.nvtx.range_push = _noop
-    cuda.nvtx.range_pop = _noop
+    cuda.nvtx.range_push = _noop_factory()
+    cuda.nvtx.range_pop = _noop_factory()
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
     from megatron.core.tensor_parallel import random as mrandom

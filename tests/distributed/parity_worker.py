@@ -1,0 +1,93 @@
+"""Worker for the parity tests: runs under torchrun, builds SplitLlamaModel at the given TP,
+loads HF split weights through the mapping table, and writes logits / per-token loss /
+gradients (un-sharded, HF names) for the test to compare with transformers.
+
+Usage: torchrun --nproc-per-node TP parity_worker.py SPEC.json
+SPEC: {"tp": 2, "cases": [{"name", "hf_dir", "tokens", "out", "sp": bool, "prototype": bool}]}
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+
+def prototype_shard(e, full, tp, rank):
+    """The original prototype's bug (DESIGN.md §4.1): q/k/v and gate/up concatenated, then
+    chunked — wrong weights on every rank at TP > 1."""
+    from splitllama.convert.mapping import FC1, QKV, split_qkv, tp_shard
+
+    if tp > 1 and e.kind == QKV:
+        return torch.cat(split_qkv(full, e.block), dim=0).chunk(tp, dim=0)[rank].clone()
+    if tp > 1 and e.kind == FC1:
+        return full.chunk(tp, dim=0)[rank].clone()
+    return tp_shard(e, full, tp, rank)
+
+
+def run_case(case: dict, tp: int) -> None:
+    from megatron.core import parallel_state as ps
+
+    from splitllama.config.model import ModelConfig
+    from splitllama.config.parallel import ParallelConfig
+    from splitllama.convert.live import global_name, load_full_weights
+    from splitllama.convert.mapping import entries, hf_to_mcore, mcore_to_hf, tp_shard, tp_unshard
+    from splitllama.model.build import build_model
+    from splitllama.model.megatron_config import Numerics
+
+    with open(f"{case['hf_dir']}/config.json") as f:
+        cfg = ModelConfig.from_seed_dict(json.load(f))
+    cfg.transformer_impl = "local"
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.get("sp", False))
+    built = build_model(cfg, parallel, Numerics(use_cpu_initialization=True))
+    model = built.model
+    full = hf_to_mcore(load_file(f"{case['hf_dir']}/model.safetensors"), cfg)
+    rank = ps.get_tensor_model_parallel_rank()
+    load_full_weights(model, full, cfg, built.layout, 0, tp, rank,
+                      shard=prototype_shard if case.get("prototype") else tp_shard)
+
+    tokens = load_file(case["tokens"])["tokens"]
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    loss = model(inputs, labels=labels)  # [b, s]
+    loss.mean().backward()
+    with torch.no_grad():
+        logits = model(inputs)  # [b, s, V/tp]
+    group = ps.get_tensor_model_parallel_group()
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return parts
+
+    full_logits = torch.cat(gather(logits), dim=-1)
+    by_name = {e.mcore: e for e in entries(cfg)}
+    grads = {}
+    for local, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does under SP
+            dist.all_reduce(g, group=group)
+        name = global_name(local, built.layout, 0)
+        grads[name] = tp_unshard(by_name[name], gather(g))
+    hf_grads = mcore_to_hf(grads, cfg)
+    if dist.get_rank() == 0:
+        out = {"logits": full_logits, "loss": loss.detach()}
+        out.update({f"grad.{k}": v.contiguous() for k, v in hf_grads.items()})
+        save_file(out, case["out"])
+
+
+def main() -> None:
+    from splitllama.config.parallel import ParallelConfig
+    from splitllama.platform.dist import init_distributed
+
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    init_distributed(ParallelConfig(tensor_model_parallel_size=spec["tp"]))
+    for case in spec["cases"]:
+        run_case(case, spec["tp"])
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
