@@ -1,0 +1,120 @@
+"""On-disk layout of SplitLlama checkpoints (pure file handling, no torch.distributed).
+
+    ROOT/
+      latest                      "iter_0000020" — written (atomically) only after a save completed
+      iter_0000020/               megatron-core torch_dist checkpoint (model, optimizer, ...)
+        model_config.json         the stitched model's shape (ModelConfig.to_dict())
+        job_config.yaml           the resolved job config of the run that saved it (if any)
+        train_state.json          iteration, consumed samples, skipped steps, ... (if any)
+        COMPLETE                  marker written last; a directory without it is never loaded
+
+A save writes into ``iter_X.tmp-<pid>`` and renames it when everything is on disk, so a
+crash mid-save leaves the previous checkpoint as `latest` and no half-written directory
+that looks valid.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Optional
+
+TRACKER = "latest"
+COMPLETE = "COMPLETE"
+MODEL_CONFIG = "model_config.json"
+JOB_CONFIG = "job_config.yaml"
+TRAIN_STATE = "train_state.json"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def tmp_dirname(iteration: int) -> str:
+    return f"{iter_dirname(iteration)}.tmp-{os.getpid()}"
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def mark_complete(path: str) -> None:
+    with open(os.path.join(path, COMPLETE), "w") as f:
+        f.write("ok\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def finalize(root: str, tmp_path: str, iteration: int) -> str:
+    """Mark a fully written temp directory complete, move it into place, update `latest`."""
+    mark_complete(tmp_path)
+    final = os.path.join(root, iter_dirname(iteration))
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp_path, final)
+    write_atomic(os.path.join(root, TRACKER), iter_dirname(iteration) + "\n")
+    return final
+
+
+def resolve(path: str) -> str:
+    """A loadable checkpoint directory from a root (via `latest`) or an iter_ directory.
+    Raises FileNotFoundError / ValueError naming what is wrong."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if is_complete(path):
+        return path
+    tracker = os.path.join(path, TRACKER)
+    if os.path.isfile(tracker):
+        with open(tracker) as f:
+            name = f.read().strip()
+        target = os.path.join(path, name)
+        if not is_complete(target):
+            raise ValueError(f"{tracker} names {name}, which is not a complete checkpoint")
+        return target
+    raise ValueError(f"{path} is neither a complete checkpoint (no {COMPLETE} marker) nor a "
+                     f"checkpoint root (no '{TRACKER}' file)")
+
+
+def list_complete(root: str) -> list[tuple[int, str]]:
+    out = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        m = _ITER_RE.match(name)
+        if m and is_complete(os.path.join(root, name)):
+            out.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(out)
+
+
+def prune(root: str, keep_last: Optional[int]) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (never the `latest` one)."""
+    if not keep_last:
+        return []
+    done = list_complete(root)
+    removed = []
+    for _, path in done[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def read_json(path: str, name: str) -> Optional[dict]:
+    p = os.path.join(path, name)
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def write_json(path: str, name: str, obj: dict) -> None:
+    with open(os.path.join(path, name), "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
