@@ -33,9 +33,13 @@ class LlamaBlockConfig:
     tie_word_embeddings: bool = False
     model_type: str = "llama"
 
+    def __post_init__(self) -> None:
+        if self.head_dim is None:  # normalise so equal shapes compare equal
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
     @property
     def kv_channels(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+        return self.head_dim
 
     @property
     def rope_type(self) -> str:
@@ -62,7 +66,7 @@ class LlamaBlockConfig:
             num_key_value_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
             num_hidden_layers=int(d["num_hidden_layers"]),
             vocab_size=int(d["vocab_size"]),
-            head_dim=d.get("head_dim"),
+            head_dim=d.get("head_dim") or None,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope_theta),
             rope_scaling=dict(scaling) if scaling else None,
