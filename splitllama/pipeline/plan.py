@@ -1,0 +1,297 @@
+"""Exact pipeline-stage planner over the unit chain of `splitllama.pipeline.cost` (pure Python).
+
+A plan cuts the core units (lower layers, adapter, upper layers) into ``pp`` contiguous,
+non-empty stages; the embedding rides on stage 0 and the head on the last stage. Stage time is
+its units' fwd+bwd time per microbatch; under 1F1B stage ``i`` keeps up to ``min(pp - i, m)``
+microbatches of activations (``m`` microbatches per step). `plan` minimises the bottleneck
+stage time exactly (DP, O(pp * n^2) states) subject to every stage fitting the memory budget.
+Ties are broken deterministically: among plans with the optimal bottleneck, the one with the
+smallest sum of squared stage times wins, then the one whose last cut points come earliest.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from splitllama.pipeline.cost import Hardware, Unit, units_for_job
+from splitllama.pipeline.layout import PipelineLayout
+
+GiB = float(2 ** 30)
+
+
+@dataclass(frozen=True)
+class StageStats:
+    index: int
+    units: str  # layout text of the stage, with E / H marking the embedding / head
+    params: int  # full (unsharded) parameter count
+    gflops: float  # per GPU per microbatch, forward + backward
+    time_s: float  # per microbatch, forward + backward
+    time_share: float  # of the whole chain's time
+    memory: dict  # bytes per GPU: params, grads, optimizer, activations
+    in_flight: int  # microbatches of activations held under 1F1B
+    fits: bool
+
+    @property
+    def memory_total(self) -> float:
+        return sum(self.memory.values())
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    method: str
+    layout: PipelineLayout
+    stages: tuple[StageStats, ...]
+    num_microbatches: Optional[int]
+    memory_budget: Optional[float]  # bytes per GPU
+
+    @property
+    def total_time(self) -> float:
+        return sum(s.time_s for s in self.stages)
+
+    @property
+    def bottleneck_time(self) -> float:
+        return max(s.time_s for s in self.stages)
+
+    @property
+    def bottleneck_over_ideal(self) -> float:
+        return self.bottleneck_time * len(self.stages) / self.total_time
+
+    @property
+    def fits(self) -> bool:
+        return all(s.fits for s in self.stages)
+
+    @property
+    def bubble_fraction(self) -> Optional[float]:
+        """1F1B schedule bubble (pp - 1) / (m + pp - 1) of a balanced pipeline."""
+        m, pp = self.num_microbatches, len(self.stages)
+        return None if m is None else (pp - 1) / (m + pp - 1)
+
+    @property
+    def step_time_s(self) -> Optional[float]:
+        """Bottleneck-paced 1F1B step: (m + pp - 1) * bottleneck stage time."""
+        m = self.num_microbatches
+        return None if m is None else (m + len(self.stages) - 1) * self.bottleneck_time
+
+    @property
+    def pipeline_efficiency(self) -> Optional[float]:
+        """Ideal step (m * total / pp, no bubble, perfect balance) over the predicted step."""
+        m = self.num_microbatches
+        return None if m is None else m * self.total_time / len(self.stages) / self.step_time_s
+
+
+# ---- chain helpers ----------------------------------------------------------------------------
+def _split_chain(units: Sequence[Unit]) -> tuple[list[Unit], int, int]:
+    """Core units and (N, M); checks the chain is embedding, L*, adapter, U*, head."""
+    kinds = [u.kind for u in units]
+    if len(units) < 3 or kinds[0] != "embedding" or kinds[-1] != "head":
+        raise ValueError(f"unit chain must start with an embedding and end with a head, got {kinds[:1]}..{kinds[-1:]}")
+    core = list(units[1:-1])
+    ck = [u.kind for u in core]
+    n, m = ck.count("lower"), ck.count("upper")
+    if ck != ["lower"] * n + ["adapter"] + ["upper"] * m:
+        raise ValueError("unit chain core must be lower layers, one adapter, then upper layers")
+    return core, n, m
+
+
+def _in_flight(stage: int, pp: int, m: Optional[int]) -> int:
+    return pp - stage if m is None else max(1, min(pp - stage, m))
+
+
+def _stage_units(units: Sequence[Unit], core_lo: int, core_hi: int, k: int, pp: int) -> list[Unit]:
+    """Units of stage k holding core units [core_lo, core_hi) (core index 0 = units[1])."""
+    return ([units[0]] if k == 0 else []) + list(units[1 + core_lo:1 + core_hi]) + \
+        ([units[-1]] if k == pp - 1 else [])
+
+
+def _memory(group: Sequence[Unit], in_flight: int) -> dict:
+    return {"params": sum(u.param_bytes for u in group), "grads": sum(u.grad_bytes for u in group),
+            "optimizer": sum(u.optim_bytes for u in group),
+            "activations": in_flight * sum(u.act_bytes_per_mb for u in group)
+            + max((u.act_working_bytes for u in group), default=0.0)}
+
+
+def _stats(plan_units: Sequence[Unit], counts: Sequence[int], m: Optional[int],
+           budget: Optional[float]) -> tuple[StageStats, ...]:
+    pp, total = len(counts), sum(u.time for u in plan_units)
+    out, pos = [], 0
+    for k, c in enumerate(counts):
+        group = _stage_units(plan_units, pos, pos + c, k, pp)
+        t, fl = sum(u.time for u in group), _in_flight(k, pp, m)
+        mem = _memory(group, fl)
+        out.append(StageStats(k, _text(group), sum(u.param_count for u in group),
+                              sum(u.fwd_flops + u.bwd_flops for u in group) / 1e9, t,
+                              t / total if total else 0.0, mem, fl,
+                              budget is None or sum(mem.values()) <= budget))
+        pos += c
+    return tuple(out)
+
+
+def _text(group: Sequence[Unit]) -> str:
+    parts = ["E"] if group[0].kind == "embedding" else []
+    for kind, tag in (("lower", "L"), ("upper", "U")):
+        n = sum(u.kind == kind for u in group)
+        if kind == "upper" and any(u.kind == "adapter" for u in group):
+            parts.append("A")
+        if n:
+            parts.append(f"{tag}{n}")
+    return ",".join(parts + (["H"] if group[-1].kind == "head" else []))
+
+
+# ---- exact min-max partition -------------------------------------------------------------------
+def _minmax_partition(n: int, pp: int, cost: Callable[[int, int, int], float],
+                      feasible: Callable[[int, int, int], bool]) -> Optional[list[int]]:
+    """Stage sizes minimising max_k cost(k, i, j) (stage k = core units [i, j)), then the sum of
+    squared costs, then earliest cuts; None when no partition is feasible."""
+    inf = math.inf
+    f = [[inf] * (n + 1) for _ in range(pp)]
+    for j in range(1, n + 1):
+        if feasible(0, 0, j):
+            f[0][j] = cost(0, 0, j)
+    for k in range(1, pp):
+        for j in range(k + 1, n + 1):
+            for i in range(k, j):
+                if f[k - 1][i] < inf and feasible(k, i, j):
+                    f[k][j] = min(f[k][j], max(f[k - 1][i], cost(k, i, j)))
+    best = f[pp - 1][n]
+    if best == inf:
+        return None
+    cap = best * (1 + 1e-9) + 1e-300
+    g = [[inf] * (n + 1) for _ in range(pp)]
+    arg = [[-1] * (n + 1) for _ in range(pp)]
+    for j in range(1, n + 1):
+        if feasible(0, 0, j) and cost(0, 0, j) <= cap:
+            g[0][j] = cost(0, 0, j) ** 2
+    for k in range(1, pp):
+        for j in range(k + 1, n + 1):
+            for i in range(k, j):
+                if g[k - 1][i] < inf and feasible(k, i, j) and cost(k, i, j) <= cap:
+                    v = g[k - 1][i] + cost(k, i, j) ** 2
+                    if v < g[k][j]:
+                        g[k][j], arg[k][j] = v, i
+    sizes, j = [], n
+    for k in range(pp - 1, 0, -1):
+        i = arg[k][j]
+        sizes.append(j - i)
+        j = i
+    return [j] + sizes[::-1]
+
+
+def _solve(units: Sequence[Unit], pp: int, cost: Callable[[int, int, int], float],
+           feasible: Callable[[int, int, int], bool] = lambda k, i, j: True) -> Optional[list[int]]:
+    core, _, _ = _split_chain(units)
+    if not 1 <= pp <= len(core):
+        raise ValueError(f"cannot split {len(core)} units (lower layers + adapter + upper layers) "
+                         f"into {pp} non-empty pipeline stages; need 1 <= pp <= {len(core)}")
+    return _minmax_partition(len(core), pp, cost, feasible)
+
+
+def _weight_cost(units: Sequence[Unit], pp: int, weight: Callable[[Unit], float]) -> Callable:
+    """cost(k, i, j): summed weight of stage k holding core units [i, j) (+ embedding / head)."""
+    prefix = [0.0]
+    for u in units:
+        prefix.append(prefix[-1] + weight(u))
+    return lambda k, i, j: prefix[j + 1 + (k == pp - 1)] - prefix[i + 1 - (k == 0)]
+
+
+def _mem_cost(units: Sequence[Unit], pp: int, m: Optional[int]) -> Callable:
+    @functools.lru_cache(maxsize=None)
+    def mem(k: int, i: int, j: int) -> float:
+        return sum(_memory(_stage_units(units, i, j, k, pp), _in_flight(k, pp, m)).values())
+    return mem
+
+
+def _result(method: str, units: Sequence[Unit], sizes: Sequence[int], m: Optional[int],
+            budget: Optional[float]) -> StagePlan:
+    _, n, mm = _split_chain(units)
+    return StagePlan(method, PipelineLayout.from_counts(list(sizes), n, mm),
+                     _stats(units, sizes, m, budget), m, budget)
+
+
+# ---- public API -------------------------------------------------------------------------------
+def plan(units: Sequence[Unit], pp: int, schedule: str = "1f1b", memory_budget: Optional[float] = None,
+         num_microbatches: Optional[int] = None) -> StagePlan:
+    """The contiguous split with the smallest bottleneck stage time that fits ``memory_budget``
+    (bytes per GPU; None: unconstrained). Raises ValueError when none fits or pp is too large."""
+    if schedule != "1f1b":
+        raise ValueError(f"schedule '{schedule}' is not supported; the planner models '1f1b'")
+    mem = _mem_cost(units, pp, num_microbatches)
+    sizes = _solve(units, pp, _weight_cost(units, pp, lambda u: u.time),
+                   lambda k, i, j: memory_budget is None or mem(k, i, j) <= memory_budget)
+    if sizes is None:
+        lean = _result("min_memory", units, _solve(units, pp, mem), num_microbatches, None)
+        least = max(s.memory_total for s in lean.stages)
+        raise ValueError(
+            f"no {pp}-stage pipeline plan fits the memory budget: the split that needs the least "
+            f"memory ({lean.layout}) still needs {least / GiB:.2f} GiB on its largest stage vs a "
+            f"budget of {memory_budget / GiB:.2f} GiB per GPU; raise tp / dp (distributed "
+            f"optimizer), recompute activations, or add stages")
+    return _result("planned", units, sizes, num_microbatches, memory_budget)
+
+
+def evaluate(layout: PipelineLayout | str, units: Sequence[Unit], pp: Optional[int] = None,
+             memory_budget: Optional[float] = None, num_microbatches: Optional[int] = None,
+             method: str = "explicit") -> StagePlan:
+    """Cost an explicit layout (validated against the chain; over-budget stages get fits=False)."""
+    layout = PipelineLayout.parse(layout) if isinstance(layout, str) else layout
+    _, n, m = _split_chain(units)
+    layout.validate(n, m, pp)
+    sizes = [s.lower_layers + int(s.adapter) + s.upper_layers for s in layout.stages]
+    return _result(method, units, sizes, num_microbatches, memory_budget)
+
+
+def uniform(units: Sequence[Unit], pp: int, memory_budget: Optional[float] = None,
+            num_microbatches: Optional[int] = None) -> StagePlan:
+    """Megatron's default split (`PipelineLayout.uniform`), costed."""
+    _, n, m = _split_chain(units)
+    return evaluate(PipelineLayout.uniform(n, m, pp), units, pp, memory_budget, num_microbatches, "uniform")
+
+
+def params_balanced(units: Sequence[Unit], pp: int, memory_budget: Optional[float] = None,
+                    num_microbatches: Optional[int] = None) -> StagePlan:
+    """DeepSpeed ``partition_method='parameters'``: contiguous split balancing parameter counts
+    (embedding and head included), blind to FLOPs and memory; costed like any plan."""
+    sizes = _solve(units, pp, _weight_cost(units, pp, lambda u: float(u.param_count)))
+    return _result("params_balanced", units, sizes, num_microbatches, memory_budget)
+
+
+# ---- job glue (what the training app calls) ----------------------------------------------------
+def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
+             hardware: Optional[Hardware] = None) -> StagePlan:
+    """Cost the job's pipeline split: ``parallel.pipeline_layout`` when set (parsed, validated,
+    costed), else ``parallel.pipeline_split`` = cost (planner) | uniform | params, under
+    ``parallel.memory_budget_gb``. ``dp`` defaults to world_size / (tp * pp), else 1.
+    Warns (does not raise) when an explicit / uniform / params split exceeds the budget."""
+    par, tr = job.parallel, job.train
+    pp = par.pipeline_model_parallel_size
+    if dp is None:
+        if world_size is not None:
+            par.validate(world_size)
+        dp = 1 if world_size is None else world_size // (par.tensor_model_parallel_size * pp)
+    units = units_for_job(job, dp, hardware)
+    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
+    budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
+    if par.pipeline_layout:
+        result = evaluate(par.pipeline_layout, units, pp, budget, m)
+    elif par.pipeline_split == "cost":
+        result = plan(units, pp, "1f1b", budget, m)
+    elif par.pipeline_split == "uniform":
+        result = uniform(units, pp, budget, m)
+    elif par.pipeline_split == "params":
+        result = params_balanced(units, pp, budget, m)
+    else:
+        raise ValueError(f"parallel.pipeline_split must be cost|uniform|params, got '{par.pipeline_split}'")
+    if not result.fits:
+        worst = max(s.memory_total for s in result.stages)
+        warnings.warn(f"pipeline layout '{result.layout}' ({result.method}) is predicted to need "
+                      f"{worst / GiB:.1f} GiB on its largest stage, over the budget of "
+                      f"{par.memory_budget_gb} GiB per GPU")
+    return result
+
+
+def plan_for_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
+                 hardware: Optional[Hardware] = None) -> PipelineLayout:
+    """The `PipelineLayout` the training app should build (see `plan_job`)."""
+    return plan_job(job, world_size, dp=dp, hardware=hardware).layout

@@ -1,0 +1,119 @@
+"""Plan SplitLlama's pipeline stages by cost and compare with the uniform and params-balanced splits.
+
+Example:
+    PYTHONPATH=. python tools/plan_pipeline.py --config configs/llama3_8b_70b.yaml --pp 4 \\
+        --seq-length 4096 --tp 8 --dp 1 --memory-gb 80 [--layout "L18|L14,A,U1|U4|U3"] [--json] \\
+        [section.key=value ...]
+
+Prints, per stage, the units, parameters, GFLOPs, predicted time share and memory by kind for
+the planned, uniform and params-balanced splits (plus an explicit ``--layout`` or the config's
+``parallel.pipeline_layout``), the bottleneck/ideal ratio and the predicted 1F1B bubble.
+``--json`` prints one JSON object instead. Exit status 1 when the planner finds no split that
+fits the memory budget (the message names the smallest stage memory achievable).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without PYTHONPATH
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
+from splitllama.pipeline.cost import Hardware, units_for_job  # noqa: E402
+from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform  # noqa: E402
+from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to_dict, summary_line  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="job YAML (e.g. configs/llama3_8b_70b.yaml)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: config)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: config)")
+    p.add_argument("--dp", type=int, default=1, help="data parallel size (default 1)")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--global-batch-size", type=int, default=None)
+    p.add_argument("--recompute", choices=("none", "selective", "full"), default=None)
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="per-GPU memory budget in GiB (default: parallel.memory_budget_gb; 0: none)")
+    p.add_argument("--layout", default=None, help='explicit layout to cost, e.g. "L18|L14,A,U1|U4|U3"')
+    p.add_argument("--peak-tflops", type=float, default=Hardware.peak_flops / 1e12)
+    p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args, rest = p.parse_known_args(argv)
+    return args, normalize_argv(rest)
+
+
+def _overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    flags = {"parallel.pipeline_model_parallel_size": args.pp,
+             "parallel.tensor_model_parallel_size": args.tp, "data.seq_length": args.seq_length,
+             "train.micro_batch_size": args.micro_batch_size,
+             "train.global_batch_size": args.global_batch_size,
+             "train.recompute_granularity": None if args.recompute is None else
+             ("null" if args.recompute == "none" else args.recompute),
+             "parallel.pipeline_layout": args.layout}
+    out = list(extra) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    if args.memory_gb is not None:
+        out.append(f"parallel.memory_budget_gb={args.memory_gb if args.memory_gb > 0 else 'null'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    job = load_job_config(args.config, _overrides(args, extra))
+    par, tr = job.parallel, job.train
+    pp, dp = par.pipeline_model_parallel_size, args.dp
+    job.model.validate(par.tensor_model_parallel_size)
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        par.sequence_parallel = False  # planning at tp=1 from a tp>1 config
+    hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
+    units = units_for_job(job, dp, hw)
+    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
+    budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
+
+    results, errors = {}, {}
+    makers = {"planned": lambda: plan(units, pp, "1f1b", budget, m),
+              "uniform": lambda: uniform(units, pp, budget, m),
+              "params_balanced": lambda: params_balanced(units, pp, budget, m)}
+    if par.pipeline_layout:
+        makers["explicit"] = lambda: evaluate(par.pipeline_layout, units, pp, budget, m)
+    for name, make in makers.items():
+        try:
+            results[name] = make()
+        except ValueError as e:
+            errors[name] = str(e)
+
+    setup = {"config": args.config, "pp": pp, "tp": par.tensor_model_parallel_size, "dp": dp,
+             "sequence_parallel": par.sequence_parallel, "seq_length": job.data.seq_length,
+             "micro_batch_size": tr.micro_batch_size, "global_batch_size": tr.global_batch_size,
+             "num_microbatches": m, "recompute": tr.recompute_granularity,
+             "memory_budget_gib": par.memory_budget_gb, "num_layers_lower": job.model.num_layers_lower,
+             "num_layers_upper": job.model.num_layers_upper, "adapter_mlp": job.model.mlp,
+             "peak_tflops": args.peak_tflops, "efficiency": args.efficiency}
+    if args.json:
+        out = {"setup": setup, **{k: plan_to_dict(v) for k, v in results.items()},
+               **{k: {"error": v} for k, v in errors.items()}}
+        print(json.dumps(out, indent=2))
+    else:
+        print("setup: " + ", ".join(f"{k}={v}" for k, v in setup.items()))
+        print()
+        for name in makers:
+            print(summary_line(results[name]) if name in results else f"{name:<16} ERROR: {errors[name]}")
+        if results:
+            print()
+            print(format_side_by_side(results))
+            for p in results.values():
+                print()
+                print(format_plan(p))
+    if errors:
+        for name, msg in errors.items():
+            print(f"error ({name}): {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
