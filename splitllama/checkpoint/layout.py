@@ -8,7 +8,7 @@
         train_state.json          iteration, consumed samples, skipped steps, ... (if any)
         COMPLETE                  marker written last; a directory without it is never loaded
 
-A save writes into ``iter_X.tmp-<pid>`` and renames it when everything is on disk, so a
+A save writes into ``iter_X.tmp`` and renames it when everything is on disk, so a
 crash mid-save leaves the previous checkpoint as `latest` and no half-written directory
 that looks valid.
 """
@@ -33,7 +33,7 @@ def iter_dirname(iteration: int) -> str:
 
 
 def tmp_dirname(iteration: int) -> str:
-    return f"{iter_dirname(iteration)}.tmp-{os.getpid()}"
+    return f"{iter_dirname(iteration)}.tmp"
 
 
 def is_complete(path: str) -> bool:

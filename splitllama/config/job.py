@@ -28,10 +28,14 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # dotted keys set by the YAML file or the command line (not a config field)
+    explicit: set = field(default_factory=set, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         d = {}
         for f in fields(self):
+            if f.name == "explicit":
+                continue
             sec = getattr(self, f.name)
             d[f.name] = sec.to_dict() if hasattr(sec, "to_dict") else dataclasses.asdict(sec)
         return d
@@ -78,7 +82,7 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
 
 
 def _apply(job: JobConfig, section: str, key: str, value: Any) -> None:
-    sec_names = {f.name for f in fields(JobConfig)}
+    sec_names = {f.name for f in fields(JobConfig)} - {"explicit"}
     if section not in sec_names:
         raise ValueError(f"unknown config section '{section}' (sections: {sorted(sec_names)})")
     sec = getattr(job, section)
@@ -86,6 +90,7 @@ def _apply(job: JobConfig, section: str, key: str, value: Any) -> None:
     if key not in hints:
         raise ValueError(f"unknown config key '{section}.{key}' (known: {sorted(hints)})")
     setattr(sec, key, _coerce(section, key, hints[key], value))
+    job.explicit.add(f"{section}.{key}")
 
 
 def load_job_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> JobConfig:

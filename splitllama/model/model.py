@@ -6,6 +6,7 @@ keeps Megatron's global layer numbering so `sharded_state_dict()` keys do not de
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -37,6 +38,7 @@ class SplitLlamaModel(LanguageModule):
         self.pre_process = stage == 0
         self.post_process = stage == layout.pp - 1
         self.input_tensor: Optional[torch.Tensor] = None
+        self.no_grad_prefix = False
         own = layout.stages[stage]
         spec = layer_spec(impl)
         cpu_init = upper_config.use_cpu_initialization
@@ -73,6 +75,12 @@ class SplitLlamaModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    def set_no_grad_prefix(self, upstream_frozen: bool) -> None:
+        """When nothing up to this stage's adapter trains (adapter-only warmup), run the
+        embedding / lower layers without autograd: no stored activations and no backward
+        through frozen layers. Stages after the adapter are unaffected."""
+        self.no_grad_prefix = upstream_frozen and self.stage <= self.layout.adapter_stage()
+
     def input_hidden_size(self) -> int:
         """Width of the activation this stage receives (0 for the first stage)."""
         if self.pre_process:
@@ -89,12 +97,8 @@ class SplitLlamaModel(LanguageModule):
             return x.size(0) * parallel_state.get_tensor_model_parallel_world_size()
         return x.size(0)
 
-    # ---- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Returns this stage's output activation [s, b, h]; on the last stage the per-token
-        loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp]."""
+    def _prefix(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+        """Embedding (first stage) or the received activation, then this stage's lower layers."""
         if self.pre_process:
             x = self.embedding(input_ids=input_ids, position_ids=position_ids)
         else:
@@ -102,6 +106,23 @@ class SplitLlamaModel(LanguageModule):
         if hasattr(self, "lower"):
             x = self.lower(x, attention_mask=attention_mask,
                            rotary_pos_emb=self.lower_rotary(self._full_seq_len(x)))
+        return x
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns this stage's output activation [s, b, h]; on the last stage the per-token
+        loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp]."""
+        with torch.no_grad() if self.no_grad_prefix else contextlib.nullcontext():
+            x = self._prefix(input_ids, position_ids, attention_mask)
+        if self.no_grad_prefix:
+            # Keep the schedule's autograd contract at no cost: the received activation gets a
+            # zero gradient, and an all-frozen stage's output is a leaf that accepts one.
+            if self.input_tensor is not None:
+                x = x + 0 * self.input_tensor
+            elif not hasattr(self, "adapter"):
+                x = x.requires_grad_()
         if hasattr(self, "adapter"):
             x = self.adapter(x)
         if hasattr(self, "upper"):

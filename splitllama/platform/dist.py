@@ -33,7 +33,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: in
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-            create_gloo_process_groups=not on_cpu)
+            create_gloo_process_groups=True)
     model_parallel_cuda_manual_seed(seed)
     return on_cpu
 

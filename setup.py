@@ -1,0 +1,38 @@
+"""SplitLlama: stitched heterogeneous-width LLaMA models trained on Megatron-Core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="splitllama",
+    version="0.1.0",
+    description="Train stitched LLaMA-3 8B + 70B models on Megatron-Core (TP/PP/SP/DP, cost-balanced pipeline)",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["splitllama", "splitllama.*"]),
+    package_data={"splitllama.hf": ["*.py"]},
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16,<0.17",
+        "transformers>=4.45",
+        "safetensors",
+        "sentencepiece",
+        "tiktoken",
+        "pyyaml",
+        "tqdm",
+        "psutil",
+        "numpy",
+    ],
+    extras_require={
+        # GPU accelerations: detected at run time, never required.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "logging": ["wandb", "tensorboard"],
+        "test": ["pytest>=7", "tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "splitllama-train=splitllama.cli.train:main",
+            "splitllama-convert=splitllama.cli.convert:main",
+            "splitllama-plan=splitllama.cli.plan:main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""Training application pieces: setup, step, loop, checkpoints, logging."""

@@ -1,0 +1,119 @@
+"""Save / resume a training run: model + optimizer (fully reshardable torch_dist), LR
+scheduler, per-rank RNG states, data position, iteration and the resolved config."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from safetensors.torch import load_file, save_file
+
+from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
+from splitllama.training.state import TrainState
+
+log = logging.getLogger("splitllama")
+
+
+def _coords() -> dict:
+    return {"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
+            "dp": ps.get_data_parallel_rank()}
+
+
+def _sizes() -> dict:
+    return {"pp": ps.get_pipeline_model_parallel_world_size(), "tp": ps.get_tensor_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_file(path: str) -> str:
+    c = _coords()
+    return os.path.join(path, "rng", f"pp{c['pp']}_tp{c['tp']}_dp{c['dp']}.safetensors")
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state()}
+    for name, state in get_cuda_rng_tracker().get_states().items():
+        out[f"tracker.{name}"] = state
+    return {k: v.clone().contiguous() for k, v in out.items()}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    torch.cuda.set_rng_state(tensors["cuda"])
+    get_cuda_rng_tracker().set_states({k[len("tracker."):]: v for k, v in tensors.items()
+                                       if k.startswith("tracker.")})
+
+
+def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
+    return rt.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                           metadata=dict(SHARDED_METADATA))
+
+
+def save(rt, root: str) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    it = rt.state.iteration
+    tmp = os.path.join(root, ck.tmp_dirname(it))
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
+    dist.barrier()
+    model_sd = model_sharded_state_dict(rt.inner)
+    sd = {"model": model_sd}
+    if rt.trainable_params_global > 0:
+        sd["optimizer"] = _optimizer_sd(rt, model_sd, is_loading=False)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    dist_checkpointing.save(sd, tmp)
+    save_file(_rng_tensors(), _rng_file(tmp))
+    dist.barrier()
+    final = os.path.join(root, ck.iter_dirname(it))
+    if dist.get_rank() == 0:
+        ck.write_json(tmp, ck.MODEL_CONFIG, rt.job.model.to_dict())
+        with open(os.path.join(tmp, ck.JOB_CONFIG), "w") as f:
+            f.write(rt.job.to_yaml())
+        ck.write_json(tmp, ck.TRAIN_STATE, {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(),
+                                             "parallel_sizes": _sizes(),
+                                             "has_optimizer": "optimizer" in sd})
+        final = ck.finalize(root, tmp, it)
+        ck.prune(root, rt.job.checkpoint.keep_last)
+    dist.barrier()
+    return final
+
+
+def load(rt, path: str, finetune: bool) -> None:
+    """Resume (weights, optimizer, scheduler, RNG, data position, iteration) or, with
+    `finetune`, take the weights only and start at iteration 0."""
+    ckpt = ck.resolve(path)
+    if finetune:
+        load_model_weights(rt.inner, ckpt)
+        log.info("loaded weights from %s (finetune: fresh optimizer, iteration 0)", ckpt)
+        return
+    meta = ck.read_json(ckpt, ck.TRAIN_STATE)
+    if meta is None:
+        raise ValueError(f"{ckpt} holds no {ck.TRAIN_STATE}: it is a weights-only checkpoint "
+                         f"(e.g. converted from HF); load it with checkpoint.finetune=true")
+    model_sd = model_sharded_state_dict(rt.inner)
+    sd = {"model": model_sd}
+    resume_optimizer = meta.get("has_optimizer", False) and rt.trainable_params_global > 0
+    if resume_optimizer:
+        sd["optimizer"] = _optimizer_sd(rt, model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    missing, unexpected = rt.inner.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise KeyError(f"{ckpt}: model mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if resume_optimizer:
+        rt.optimizer.load_state_dict(loaded["optimizer"])
+    rt.scheduler.load_state_dict(meta["scheduler"])
+    rt.state = TrainState.from_dict(meta)
+    rng = _rng_file(ckpt)
+    if meta.get("parallel_sizes") == _sizes() and os.path.isfile(rng):
+        _restore_rng(load_file(rng))
+    else:
+        log.info("parallel layout changed since the save: RNG states not restored")
+    log.info("resumed from %s at iteration %d", ckpt, rt.state.iteration)

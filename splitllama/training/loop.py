@@ -1,0 +1,171 @@
+"""The training loop: 1F1B / no-pipelining schedules, skip-on-NaN, logging, evaluation,
+periodic and signal-triggered checkpoints."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from splitllama.platform import cpu
+from splitllama.training import checkpoint, signals
+from splitllama.training.metrics import MetricsSink, peak_tflops
+from splitllama.training.step import forward_step, pipeline_shapes_hook
+
+log = logging.getLogger("splitllama")
+
+
+def _schedule_kwargs(rt) -> dict:
+    tr = rt.job.train
+    kw = dict(seq_length=rt.job.data.seq_length, micro_batch_size=tr.micro_batch_size)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        kw["adjust_tensor_shapes_fn"] = pipeline_shapes_hook(rt.inner, rt.job.data.seq_length,
+                                                             tr.micro_batch_size)
+    return kw
+
+
+def reduce_loss(rt, losses: list) -> float:
+    """Token-weighted mean loss of the step, the same number on every rank."""
+    t = torch.zeros(2, dtype=torch.float64, device=cpu.device())
+    if rt.is_last_stage:
+        for d in losses:
+            t += d["lm loss"].to(t)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(t, group=ps.get_pipeline_model_parallel_group())  # zeros elsewhere
+    return (t[0] / t[1].clamp_min(1)).item()
+
+
+def _grads_finite(rt) -> bool:
+    ok = torch.tensor([1.0], device=cpu.device())
+    for buf in rt.ddp.buffers:
+        if not torch.isfinite(buf.grad_data).all():
+            ok.zero_()
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=cpu.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_step(rt) -> tuple[float, Optional[float], bool]:
+    """One global batch. Returns (loss, grad_norm, applied)."""
+    rt.ddp.zero_grad_buffer()
+    rt.optimizer.zero_grad()
+    fb = get_forward_backward_func()
+    losses = fb(forward_step_func=forward_step, data_iterator=rt.train_iter, model=[rt.ddp],
+                num_microbatches=rt.num_microbatches, forward_only=False, **_schedule_kwargs(rt))
+    loss = reduce_loss(rt, losses)
+    if not (math.isfinite(loss) and _grads_finite(rt)):
+        return loss, None, False
+    if rt.trainable_params_global == 0:
+        return loss, 0.0, True
+    ok, grad_norm, _ = rt.optimizer.step()
+    rt.scheduler.step(increment=rt.job.train.global_batch_size)
+    return loss, grad_norm, bool(ok)
+
+
+def evaluate(rt, iterator, num_batches: int) -> float:
+    fb = get_forward_backward_func()
+    total = torch.zeros(2, dtype=torch.float64, device=cpu.device())
+    rt.ddp.eval()
+    with torch.no_grad():
+        for _ in range(num_batches):
+            losses = fb(forward_step_func=forward_step, data_iterator=iterator, model=[rt.ddp],
+                        num_microbatches=rt.num_microbatches, forward_only=True, **_schedule_kwargs(rt))
+            if rt.is_last_stage:
+                for d in losses:
+                    total += d["lm loss"].to(total)
+    rt.ddp.train()
+    if rt.is_last_stage:
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
+    return (total[0] / total[1].clamp_min(1)).item()
+
+
+def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
+    """Run until train_iters; returns the process exit code (0, also after a signal save)."""
+    job, tr, st = rt.job, rt.job.train, rt.state
+    sink = MetricsSink(job.logging, job.to_dict())
+    total = tr.total_iters()
+    peak = peak_tflops(rt.on_cpu)
+    tokens_per_iter = tr.global_batch_size * job.data.seq_length
+    world = dist.get_world_size()
+    start_iter, t_window, n_window = st.iteration, time.time(), 0
+    stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
+    rank0 = dist.get_rank() == 0
+    try:
+        while st.iteration < total:
+            if job.checkpoint.save_on_signal and _any_rank(signals.received() is not None):
+                if job.checkpoint.save:
+                    path = checkpoint.save(rt, job.checkpoint.save)
+                    if rank0:
+                        print(f"[signal] checkpoint saved at iteration {st.iteration} -> {path}; exiting 0", flush=True)
+                return 0
+            t0 = time.time()
+            loss, grad_norm, applied = train_step(rt)
+            dt = time.time() - t0
+            st.iteration += 1
+            st.consumed_train_samples += tr.global_batch_size
+            if applied:
+                st.consecutive_skipped = 0
+                st.floating_point_operations += flops_per_iteration
+            else:
+                st.skipped_iterations += 1
+                st.consecutive_skipped += 1
+                if rank0:
+                    print(f"[skip] iteration {st.iteration}: non-finite loss or gradients "
+                          f"(loss={loss}); update skipped", flush=True)
+                if st.consecutive_skipped >= tr.max_consecutive_skipped:
+                    raise RuntimeError(f"stopping: {st.consecutive_skipped} iterations in a row had "
+                                       f"non-finite loss/gradients (train.max_consecutive_skipped="
+                                       f"{tr.max_consecutive_skipped})")
+            n_window += 1
+            if st.iteration % job.logging.log_interval == 0 or st.iteration == total:
+                elapsed = time.time() - t_window
+                per_iter = elapsed / n_window
+                tflops = flops_per_iteration / per_iter / world / 1e12
+                rec = {"iteration": st.iteration, "consumed_tokens": st.consumed_train_samples * job.data.seq_length,
+                       "loss": loss, "lr": rt.scheduler.get_lr(rt.optimizer.param_groups[0]) if
+                       rt.optimizer.param_groups else 0.0,
+                       "grad_norm": None if grad_norm is None else float(grad_norm),
+                       "skipped_iterations": st.skipped_iterations, "step_time_s": per_iter,
+                       "tokens_per_s": tokens_per_iter / per_iter, "tflops_per_gpu": tflops,
+                       "mfu": (tflops / peak) if peak else None}
+                sink.write(rec)
+                if rank0:
+                    eta = (total - st.iteration) * per_iter
+                    mfu = f"{rec['mfu'] * 100:.1f}%" if peak else "n/a (no known peak)"
+                    gn = "nan" if grad_norm is None else f"{float(grad_norm):.3f}"
+                    print(f"iter {st.iteration:>6}/{total} | loss {loss:.4f} | lr {rec['lr']:.3e} | "
+                          f"grad_norm {gn} | skipped {st.skipped_iterations} | {rec['tokens_per_s']:.0f} tok/s | "
+                          f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu} | ETA {eta:.0f}s", flush=True)
+                t_window, n_window = time.time(), 0
+            if tr.eval_interval and make_valid_iter and st.iteration % tr.eval_interval == 0:
+                val = evaluate(rt, make_valid_iter(), tr.eval_iters)
+                sink.write({"iteration": st.iteration, "eval_loss": val})
+                if rank0:
+                    print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
+            ck = job.checkpoint
+            if ck.save and ck.save_interval and st.iteration % ck.save_interval == 0:
+                checkpoint.save(rt, ck.save)
+            if stop_after is not None and st.iteration >= stop_after and st.iteration < total:
+                if ck.save:
+                    checkpoint.save(rt, ck.save)
+                return 0
+        if job.checkpoint.save and (not job.checkpoint.save_interval or st.iteration % job.checkpoint.save_interval):
+            checkpoint.save(rt, job.checkpoint.save)
+        if rank0:
+            print(f"done: {st.iteration - start_iter} iterations this run, {st.skipped_iterations} skipped", flush=True)
+        return 0
+    finally:
+        sink.close()

@@ -1,0 +1,21 @@
+"""Progress counters saved with every checkpoint (as JSON, never pickled)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    consecutive_skipped: int = 0
+    floating_point_operations: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(**{k: d[k] for k in asdict(cls()) if k in d})

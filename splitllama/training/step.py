@@ -1,0 +1,63 @@
+"""One micro-batch forward (the `forward_step_func` Megatron's schedules call) and loss."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from splitllama.model.model import SplitLlamaModel
+
+
+def unwrap(model) -> SplitLlamaModel:
+    while not isinstance(model, SplitLlamaModel):
+        model = model.module
+    return model
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token losses [b, s] -> (sum, tokens, {'lm loss': [sum, tokens]}).
+    Megatron divides the sum by the token count (per micro-batch mean) and by the number of
+    micro-batches; the reported value is summed over micro-batches and DP by the caller."""
+    mask = loss_mask.view(-1).float()
+    total = torch.sum(output_tensor.view(-1).float() * mask)
+    tokens = mask.sum().to(torch.int)
+    report = torch.stack([total.detach().clone(), mask.sum()])
+    return total, tokens, {"lm loss": report}
+
+
+def get_batch(data_iterator: Optional[Iterator], model: SplitLlamaModel) -> dict:
+    """Only the first stage needs tokens and only the last needs labels and the loss mask;
+    middle stages get no iterator. Every TP rank of a stage reads the same micro-batch (the
+    iterator is deterministic per DP rank)."""
+    if data_iterator is None:  # middle stages read no data
+        return {}
+    batch = next(data_iterator)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def forward_step(data_iterator, model):
+    inner = unwrap(model)
+    batch = get_batch(data_iterator, inner)
+    out = model(batch["tokens"] if inner.pre_process else None,
+                position_ids=batch.get("position_ids"),
+                labels=batch["labels"] if inner.post_process else None)
+    return out, partial(loss_func, batch.get("loss_mask"))
+
+
+def pipeline_shapes_hook(model: SplitLlamaModel, seq_length: int, micro_batch_size: int):
+    """`adjust_tensor_shapes_fn` for the 1F1B schedule: Megatron sizes p2p buffers from one
+    `config.hidden_size`; a SplitLlama pipeline has 4096-wide boundaries before the adapter
+    and 8192-wide after, so each rank states its own receive and send widths. Per-rank
+    static shapes: no extra communication at run time."""
+    seq = seq_length
+    if model.config.sequence_parallel:
+        seq //= parallel_state.get_tensor_model_parallel_world_size()
+    recv_w = model.input_hidden_size() or model.output_hidden_size()
+    send_w = model.output_hidden_size()
+
+    def adjust(recv_shapes, send_shapes):
+        return [(seq, micro_batch_size, recv_w)], [(seq, micro_batch_size, send_w)]
+
+    return adjust
