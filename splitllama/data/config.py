@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 TOKENIZER_TYPES = ("null", "sentencepiece", "huggingface", "tiktoken")
 
@@ -14,6 +15,8 @@ TOKENIZER_TYPES = ("null", "sentencepiece", "huggingface", "tiktoken")
 @dataclass
 class DataConfig:
     """Where training samples come from and how they are shaped.
+
+    (``Optional[...]`` rather than ``X | None``: the job-config loader unwraps typing.Union.)
 
     ``data_path`` follows Megatron: ``["prefix"]``, ``["prefix1", "prefix2"]`` (weighted by size)
     or ``["w1", "prefix1", "w2", "prefix2"]`` (explicit blend weights). A prefix names the
@@ -31,16 +34,16 @@ class DataConfig:
     """Train/valid/test weights over the documents of each prefix (Megatron ``--split``)."""
     seq_length: int = 128
     tokenizer_type: str = "null"
-    tokenizer_model: str | None = None
+    tokenizer_model: Optional[str] = None
     """``.model`` file (sentencepiece, tiktoken) or directory (huggingface)."""
-    vocab_size: int | None = None
+    vocab_size: Optional[int] = None
     """Vocabulary size of the ``null`` tokenizer (ids ``0..vocab_size-1``, EOD = vocab_size-1)."""
     num_workers: int = 0
     """torch DataLoader worker processes."""
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
-    cache_dir: str | None = None
+    cache_dir: Optional[str] = None
     """Megatron ``path_to_cache`` for the sample/shuffle indices; None = next to the data."""
 
     def validate(self) -> None:

@@ -18,14 +18,19 @@ PATTERN_VOCAB = 256
 """Token ids used by the pattern are ``0 .. min(PATTERN_VOCAB, vocab) - 1`` (EOD excluded)."""
 NUM_PAIRS = 4
 NUM_DOCUMENTS = 100_000
+_MAX_LOG2_LENGTH = 24
 
 
 def pattern_pairs(seed: int, modulus: int, num_pairs: int = NUM_PAIRS) -> numpy.ndarray:
-    """The ``(a, b)`` pairs of a seed: ``a`` odd (a permutation when ``modulus`` is a power of 2)."""
+    """The ``(a, b)`` pairs of a seed, shape [num_pairs, 2].
+
+    ``a = 1 (mod 4)`` and ``b`` odd: by Hull-Dobell each pair then visits all ids in one cycle
+    when ``modulus`` is a power of two (the usual 256).
+    """
     rng = numpy.random.default_rng([seed, 0x5EED])
-    a = rng.integers(0, max(modulus // 2, 1), size=num_pairs) * 2 + 1
-    b = rng.integers(1, modulus, size=num_pairs)
-    return numpy.stack([a % modulus, b], axis=1).astype(numpy.int64)
+    a = rng.integers(1, max(modulus // 4, 2), size=num_pairs) * 4 + 1
+    b = rng.integers(0, max(modulus // 2, 1), size=num_pairs) * 2 + 1
+    return numpy.stack([a % modulus, b % modulus], axis=1).astype(numpy.int64)
 
 
 class PatternLowLevelDataset:
@@ -41,6 +46,12 @@ class PatternLowLevelDataset:
         self.eod = eod
         self.seed = seed
         self.pairs = pattern_pairs(seed, modulus)
+        # powers[p][k] = the step map of pair p applied 2**k times (a table over 0..modulus-1)
+        step = (self.pairs[:, :1] * numpy.arange(modulus) + self.pairs[:, 1:]) % modulus
+        self._powers = [step]
+        for _ in range(_MAX_LOG2_LENGTH - 1):
+            prev = self._powers[-1]
+            self._powers.append(numpy.take_along_axis(prev, prev, axis=1))
         rng = numpy.random.default_rng([seed, 0x1E7])
         high = max(4 * sequence_length, 16)
         self.sequence_lengths = rng.integers(
@@ -53,12 +64,12 @@ class PatternLowLevelDataset:
     def __getitem__(self, idx: int) -> numpy.ndarray:
         length = int(self.sequence_lengths[idx])
         rng = numpy.random.default_rng([self.seed, 0xD0C, int(idx)])
-        a, b = self.pairs[rng.integers(0, len(self.pairs))]
-        tokens = numpy.empty(length, dtype=numpy.int64)
-        t = int(rng.integers(0, self.modulus))
-        for i in range(length - 1):
-            tokens[i] = t
-            t = (int(a) * t + int(b)) % self.modulus
+        pair = int(rng.integers(0, len(self.pairs)))
+        steps = numpy.arange(length, dtype=numpy.int64)
+        tokens = numpy.full(length, int(rng.integers(0, self.modulus)), dtype=numpy.int64)
+        for k in range(int(length).bit_length()):  # tokens[i] = step^i(t0), by binary powers
+            sel = ((steps >> k) & 1).astype(bool)
+            tokens[sel] = self._powers[k][pair][tokens[sel]]
         tokens[length - 1] = self.eod
         return tokens
 

@@ -129,6 +129,8 @@ def preprocess_jsonl(
     tokenizer = spec.build()
     if model_vocab_size is not None:
         check_vocab(tokenizer, model_vocab_size)
+    if prepend_bos and tokenizer.bos is None:
+        raise ValueError(f"prepend_bos: the {spec.tokenizer_type} tokenizer has no BOS token")
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     final = output_prefix_for(output_prefix, json_key)
@@ -137,6 +139,8 @@ def preprocess_jsonl(
     docs = skipped = tokens = done_bytes = 0
     t0 = time.perf_counter()
     initargs = (spec, json_key, append_eod, prepend_bos)
+    if workers > 1:  # HF tokenizers would warn about (and disable) threads after fork
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pool = multiprocessing.Pool(workers, _init_worker, initargs) if workers > 1 else None
     builder = None
     try:
