@@ -36,6 +36,19 @@ def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
     return load_job_config(args.config, rest)
 
 
+def resolve_resume(job: JobConfig) -> None:
+    """`checkpoint.load` equal to `checkpoint.save` is the resume-or-start idiom of preemptible
+    jobs: with no complete checkpoint there yet, start from scratch (said on stdout)."""
+    c = job.checkpoint
+    if c.load and c.save and os.path.abspath(c.load) == os.path.abspath(c.save):
+        try:
+            ck.resolve(c.load)
+        except (FileNotFoundError, ValueError):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"no checkpoint in {c.load} yet: starting from scratch", flush=True)
+            c.load = None
+
+
 def adopt_checkpoint_model(job: JobConfig) -> None:
     """A checkpoint that holds a model config defines the model; an explicitly configured
     model section that disagrees with it is an error."""
@@ -91,6 +104,7 @@ def setup_data(rt: Runtime):
 
 
 def run(job: JobConfig) -> int:
+    resolve_resume(job)
     adopt_checkpoint_model(job)
     rt = build_runtime(job)
     rank0 = dist.get_rank() == 0
