@@ -79,8 +79,6 @@ def flops_per_iteration(job: JobConfig) -> float:
 
 def setup_data(rt: Runtime):
     job, tr = rt.job, rt.job.train
-    if job.data.tokenizer_type == "null" and job.data.vocab_size is None:
-        job.data.vocab_size = job.model.vocab_size
     tok = build_tokenizer(job.data)
     check_vocab(tok, job.model.vocab_size)
     iters = tr.total_iters()

@@ -64,6 +64,8 @@ def build_runtime(job: JobConfig) -> Runtime:
     world = dist.get_world_size()
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     tr.validate(dp)
+    if job.data.tokenizer_type == "null" and job.data.vocab_size is None:
+        job.data.vocab_size = job.model.vocab_size  # synthetic ids span the model's vocab
     job.data.validate()
     layout = choose_layout(job, dp)
     bf16 = tr.bf16 if tr.bf16 is not None else not on_cpu

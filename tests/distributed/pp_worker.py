@@ -1,0 +1,123 @@
+"""Worker for the pipeline tests: for each case (TP, PP, layout) builds the real training
+runtime (DDP + distributed optimizer + 1F1B with per-rank p2p widths), loads HF split weights
+through the mapping table, runs one forward/backward over a fixed global batch, and writes:
+  - last stage, TP rank 0: per-micro-batch logits (full vocab) and per-token losses
+  - every stage, TP rank 0: gradients (un-sharded, HF names) of the parameters it owns
+  - every rank: the global names and sizes of the parameters it built
+Usage: torchrun --nproc-per-node W pp_worker.py SPEC.json
+SPEC: {"cases": [{"name", "hf_dir", "tokens", "out_dir", "tp", "pp", "layout", "sp"}]}
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+
+def run_case(case: dict) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from splitllama.config.job import JobConfig
+    from splitllama.config.model import ModelConfig
+    from splitllama.convert.live import global_name, load_full_weights
+    from splitllama.convert.mapping import entries, hf_to_mcore, mcore_to_hf, tp_unshard
+    from splitllama.training.loop import _schedule_kwargs
+    from splitllama.training.runtime import build_runtime
+    from splitllama.training.step import forward_step
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    with open(f"{case['hf_dir']}/config.json") as f:
+        model_cfg = ModelConfig.from_seed_dict(json.load(f))
+    model_cfg.transformer_impl = "local"
+    tokens = load_file(case["tokens"])["tokens"]
+    n_mb, seq = tokens.shape[0], tokens.shape[1] - 1
+    job = JobConfig(model=model_cfg)
+    job.parallel.tensor_model_parallel_size = case["tp"]
+    job.parallel.pipeline_model_parallel_size = case["pp"]
+    job.parallel.pipeline_layout = case.get("layout")
+    job.parallel.sequence_parallel = case.get("sp", False)
+    job.train.micro_batch_size, job.train.global_batch_size = 1, n_mb
+    job.data.seq_length = seq
+    rt = build_runtime(job)
+    tp_rank, stage = ps.get_tensor_model_parallel_rank(), rt.inner.stage
+    full = hf_to_mcore(load_file(f"{case['hf_dir']}/model.safetensors"), model_cfg)
+    load_full_weights(rt.inner, full, model_cfg, rt.layout, stage, case["tp"], tp_rank)
+
+    def batches():
+        for i in range(n_mb):
+            yield {"tokens": tokens[i:i + 1, :-1], "labels": tokens[i:i + 1, 1:],
+                   "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None]}
+
+    fb = get_forward_backward_func()
+    kw = _schedule_kwargs(rt)
+    rt.ddp.zero_grad_buffer()
+    losses = fb(forward_step_func=forward_step, data_iterator=batches(), model=[rt.ddp],
+                num_microbatches=n_mb, forward_only=False, **kw)
+
+    tp_group = ps.get_tensor_model_parallel_group()
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t) for _ in range(case["tp"])]
+        dist.all_gather(parts, t.contiguous(), group=tp_group)
+        return parts
+
+    by_name = {e.mcore: e for e in entries(model_cfg)}
+    grads, owned = {}, {}
+    for local, p in rt.inner.named_parameters():
+        name = global_name(local, rt.layout, stage)
+        owned[name] = p.numel()
+        grads[name] = tp_unshard(by_name[name], gather(p.main_grad.detach().clone()))
+    out_dir = case["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(f"{out_dir}/params_rank{dist.get_rank()}.json", "w") as f:
+        json.dump({"stage": stage, "tp_rank": tp_rank, "params": owned}, f)
+    if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+        hf_grads = mcore_to_hf_partial(grads, model_cfg)
+        save_file({k: v.contiguous() for k, v in hf_grads.items()}, f"{out_dir}/grads_stage{stage}.safetensors")
+
+    # forward-only pass collecting the logits of every micro-batch on the last stage
+    def logits_step(data_iterator, model):
+        from splitllama.training.step import get_batch, unwrap
+
+        inner = unwrap(model)
+        b = get_batch(data_iterator, inner)
+        out = model(b["tokens"] if inner.pre_process else None, position_ids=b.get("position_ids"))
+        return out, lambda o: (o.sum() * 0, {"logits": o.detach().clone()})
+
+    with torch.no_grad():
+        outs = fb(forward_step_func=logits_step, data_iterator=batches(), model=[rt.ddp],
+                  num_microbatches=n_mb, forward_only=True, **kw)
+    if rt.is_last_stage:
+        logits = torch.cat([torch.cat(gather(o["logits"]), dim=-1) for o in outs])
+        loss = torch.stack([d["lm loss"] for d in losses])  # [mb, (sum, tokens)]
+        if tp_rank == 0:
+            save_file({"logits": logits, "loss_sum_tokens": loss}, f"{out_dir}/outputs.safetensors")
+    dist.barrier()
+
+
+def mcore_to_hf_partial(grads: dict, cfg) -> dict:
+    """mcore_to_hf for the subset of tensors one stage owns."""
+    from splitllama.convert.mapping import entries, to_hf_tensors
+
+    out = {}
+    for e in entries(cfg):
+        if e.mcore in grads:
+            out.update(zip(e.hf, to_hf_tensors(e, grads[e.mcore])))
+    return out
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    for case in spec["cases"]:
+        run_case(case)
+
+
+if __name__ == "__main__":
+    main()
