@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights,
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
+# Fault injection: SIGKILL this process after writing the shards of the save at this
+# iteration, before the checkpoint is marked complete (tests the crash-during-save path).
+FAULT_KILL_IN_SAVE = "SPLITLLAMA_FAULT_KILL_IN_SAVE"
 
 
 def _coords() -> dict:
@@ -70,6 +74,8 @@ def save(rt, root: str) -> str:
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     dist_checkpointing.save(sd, tmp)
     save_file(_rng_tensors(), _rng_file(tmp))
+    if os.environ.get(FAULT_KILL_IN_SAVE) == str(it):  # fault injection for the crash-in-save test
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     final = os.path.join(root, ck.iter_dirname(it))
     if dist.get_rank() == 0:

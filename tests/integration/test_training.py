@@ -1,0 +1,124 @@
+"""The training application end to end on CPU/gloo (issue 4 acceptance).
+
+Each test launches pretrain_splitllama.py for real (python or torchrun) on the tiny config."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from splitllama.checkpoint import layout as ck
+from tests import apprun
+
+pytestmark = pytest.mark.distributed
+
+
+def _first_last(losses: dict[int, float], k: int = 10) -> tuple[float, float]:
+    its = sorted(losses)
+    return sum(losses[i] for i in its[:3]) / 3, sum(losses[i] for i in its[-k:]) / k
+
+
+@pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["parallel.pipeline_model_parallel_size=2"])],
+                         ids=["pp1", "pp2"])
+def test_loss_falls(tmp_path, nproc, extra):
+    m = tmp_path / "m.jsonl"
+    apprun.run(nproc, ["train.train_iters=100", f"logging.metrics_file={m}", *extra])
+    losses = apprun.losses(m)
+    assert sorted(losses) == list(range(1, 101))
+    first, last = _first_last(losses)
+    assert first > 6.0 and last < first - 0.7, (first, last)
+    rec = apprun.metrics(m)[-1]
+    for key in ("iteration", "loss", "lr", "grad_norm", "tokens_per_s", "consumed_tokens", "skipped_iterations"):
+        assert key in rec
+
+
+def _straight_and_killed(tmp_path: Path, nproc: int, extra: list[str]):
+    straight = tmp_path / "straight.jsonl"
+    apprun.run(nproc, ["train.train_iters=20", f"logging.metrics_file={straight}", *extra])
+    save, m1 = tmp_path / "ckpt", tmp_path / "part1.jsonl"
+    proc = apprun.start(nproc, ["train.train_iters=20", "checkpoint.save_interval=10", f"checkpoint.save={save}",
+                                f"logging.metrics_file={m1}", *extra])
+    # kill -9 (the whole process group) once iteration 12 ran, i.e. after the save at 10 completed
+    apprun.wait_until(proc, lambda: 12 in apprun.losses(m1))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (save / "latest").read_text().strip() == "iter_0000010"
+    return apprun.losses(straight), save
+
+
+@pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["parallel.pipeline_model_parallel_size=2"])],
+                         ids=["pp1", "pp2"])
+def test_exact_resume_after_kill9(tmp_path, nproc, extra):
+    straight, save = _straight_and_killed(tmp_path, nproc, extra)
+    m2 = tmp_path / "part2.jsonl"
+    p = apprun.run(nproc, ["train.train_iters=20", f"checkpoint.save={save}", f"checkpoint.load={save}",
+                           f"logging.metrics_file={m2}", *extra])
+    resumed = apprun.losses(m2)
+    assert sorted(resumed) == list(range(11, 21)), p.stdout[-2000:]
+    for i in range(11, 21):
+        assert abs(resumed[i] - straight[i]) <= 1e-6 * abs(straight[i]), (i, resumed[i], straight[i])
+
+
+def test_resume_with_a_different_layout(tmp_path):
+    """Saved at PP=2, resumed at TP=2: same losses within fp32 tolerance (optimizer resharded)."""
+    straight, save = _straight_and_killed(tmp_path, 2, ["parallel.pipeline_model_parallel_size=2"])
+    m2 = tmp_path / "tp2.jsonl"
+    apprun.run(2, ["train.train_iters=20", f"checkpoint.save={save}", f"checkpoint.load={save}",
+                   f"logging.metrics_file={m2}", "parallel.tensor_model_parallel_size=2"])
+    resumed = apprun.losses(m2)
+    assert sorted(resumed) == list(range(11, 21))
+    for i in range(11, 21):
+        assert abs(resumed[i] - straight[i]) <= 1e-4 * abs(straight[i]), (i, resumed[i], straight[i])
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    save, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
+    p = apprun.run(1, ["train.train_iters=20", "checkpoint.save_interval=10", f"checkpoint.save={save}",
+                       f"logging.metrics_file={m}"], check=False,
+                   extra_env={"SPLITLLAMA_FAULT_KILL_IN_SAVE": "20"})
+    assert p.returncode != 0  # killed while writing iteration 20
+    assert (save / "latest").read_text().strip() == "iter_0000010"
+    assert (save / "iter_0000020.tmp").is_dir() and not (save / "iter_0000020").exists()
+    assert ck.resolve(str(save)).endswith("iter_0000010")
+    m2 = tmp_path / "m2.jsonl"
+    p = apprun.run(1, ["train.train_iters=20", f"checkpoint.save={save}", f"checkpoint.load={save}",
+                       f"logging.metrics_file={m2}"])
+    assert sorted(apprun.losses(m2)) == list(range(11, 21))
+    assert (save / "latest").read_text().strip() == "iter_0000020" and ck.is_complete(str(save / "iter_0000020"))
+    assert not (save / "iter_0000020.tmp").exists()
+
+
+def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path):
+    save, m1 = tmp_path / "ckpt", tmp_path / "m1.jsonl"
+    proc = apprun.start(2, ["train.train_iters=200", f"checkpoint.save={save}", f"logging.metrics_file={m1}",
+                            "parallel.pipeline_model_parallel_size=2"])
+    apprun.wait_until(proc, lambda: 5 in apprun.losses(m1))
+    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to both ranks
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    done = max(apprun.losses(m1))
+    assert f"[signal] checkpoint saved at iteration {done}" in out
+    assert (save / "latest").read_text().strip() == ck.iter_dirname(done)
+    m2 = tmp_path / "m2.jsonl"
+    apprun.run(2, [f"train.train_iters={done + 3}", f"checkpoint.save={save}", f"checkpoint.load={save}",
+                   f"logging.metrics_file={m2}", "parallel.pipeline_model_parallel_size=2"])
+    assert sorted(apprun.losses(m2)) == [done + 1, done + 2, done + 3]
+
+
+def test_checkpoint_loads_under_other_layouts_with_equal_eval_loss(tmp_path):
+    """Saved with PP=2 (cost plan), evaluated at PP=2, PP=4 (uniform) and TP=2xPP=2."""
+    save = tmp_path / "ckpt"
+    apprun.run(2, ["train.train_iters=5", f"checkpoint.save={save}", "parallel.pipeline_model_parallel_size=2"])
+    vals = {}
+    for nproc, extra in ((2, ["parallel.pipeline_model_parallel_size=2"]),
+                         (4, ["parallel.pipeline_model_parallel_size=4"]),
+                         (4, ["parallel.pipeline_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"])):
+        p = apprun.run(nproc, [f"checkpoint.load={save}", "train.eval_only=true", "train.eval_iters=2", *extra])
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith('{"eval_loss"')]
+        assert len(line) == 1, p.stdout[-2000:]
+        vals[" ".join(extra)] = json.loads(line[0])["eval_loss"]
+    ref = next(iter(vals.values()))
+    assert all(abs(v - ref) <= 1e-5 * ref for v in vals.values()), vals
