@@ -34,8 +34,22 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: in
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             create_gloo_process_groups=True)
-    model_parallel_cuda_manual_seed(seed)
+    set_seed(seed)
     return on_cpu
+
+
+def set_seed(seed: int) -> None:
+    """Megatron-LM's convention: every RNG seeded, offset by 100 per pipeline stage; the
+    CUDA (or CPU stand-in) model-parallel tracker gets per-TP-rank streams."""
+    import random
+
+    import numpy
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def shutdown() -> None:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
+from splitllama.training import optim_compat
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
@@ -55,6 +56,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
+    optim_compat.ensure_state(rt.optimizer)
     return rt.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                            metadata=dict(SHARDED_METADATA))
 
@@ -115,6 +117,7 @@ def load(rt, path: str, finetune: bool) -> None:
         raise KeyError(f"{ckpt}: model mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if resume_optimizer:
         rt.optimizer.load_state_dict(loaded["optimizer"])
+        optim_compat.unshare_steps(rt.optimizer)
     rt.scheduler.load_state_dict(meta["scheduler"])
     rt.state = TrainState.from_dict(meta)
     rng = _rng_file(ckpt)

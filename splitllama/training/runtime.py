@@ -22,6 +22,7 @@ from splitllama.model.model import SplitLlamaModel
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.platform import cpu
 from splitllama.platform.dist import init_distributed
+from splitllama.training import optim_compat
 from splitllama.training.freeze import apply_freeze
 from splitllama.training.layout_select import choose_layout
 from splitllama.training.state import TrainState
@@ -94,6 +95,7 @@ def build_runtime(job: JobConfig) -> Runtime:
                              clip_grad=opt.clip_grad, bf16=bf16, params_dtype=numerics.params_dtype,
                              use_distributed_optimizer=par.use_distributed_optimizer),
         [ddp])
+    optim_compat.tolerate_step(optimizer)
     iters = tr.total_iters()
     decay = opt.lr_decay_iters or iters
     scheduler = OptimizerParamScheduler(

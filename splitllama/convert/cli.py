@@ -1,0 +1,104 @@
+"""Command line of the checkpoint converter (``tools/convert_checkpoint.py``).
+
+    import-hf        --lower DIR --upper DIR --num-layers-lower N --num-layers-upper M [--mlp]
+                     [--adapter-init random|identity] [--seed S] [--dtype auto|bf16|fp32|fp16] --out CKPT
+    import-hf-split  DIR --out CKPT [--dtype ...]      (a seed CustomSplitLLamaForCausalLM checkpoint)
+    export-hf        --ckpt CKPT --out DIR [--dtype ...] [--max-shard-size GB]
+    inspect          CKPT|DIR
+
+Bad inputs print one ``error: ...`` line naming the file / tensor / field and exit with 2,
+leaving no output directory. ``--adapter-init lstsq`` (fit on activations) is deferred.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from splitllama.convert.progress import fmt_bytes
+from splitllama.convert.sources import ConversionError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    dtypes = ("auto", "bf16", "fp32", "fp16")
+
+    imp = sub.add_parser("import-hf", help="two HF LLaMA checkpoints -> torch_dist checkpoint")
+    imp.add_argument("--lower", required=True, help="HF dir of the lower model (LLaMA-3-8B)")
+    imp.add_argument("--upper", required=True, help="HF dir of the upper model (LLaMA-3-70B)")
+    imp.add_argument("--num-layers-lower", type=int, required=True, help="N: first N lower layers")
+    imp.add_argument("--num-layers-upper", type=int, required=True, help="M: last M upper layers")
+    imp.add_argument("--mlp", action="store_true", help="two-layer adapter (Linear-ReLU-Linear)")
+    imp.add_argument("--adapter-init", default="random", choices=("random", "identity"))
+    imp.add_argument("--seed", type=int, default=0, help="seed of the random adapter init")
+    imp.add_argument("--dtype", default="auto", choices=dtypes, help="auto: the source dtype")
+    imp.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
+    imp.add_argument("--no-progress", action="store_true")
+
+    spl = sub.add_parser("import-hf-split", help="seed HF split-model checkpoint -> torch_dist")
+    spl.add_argument("dir")
+    spl.add_argument("--out", required=True)
+    spl.add_argument("--dtype", default="auto", choices=dtypes)
+    spl.add_argument("--no-progress", action="store_true")
+
+    exp = sub.add_parser("export-hf", help="torch_dist checkpoint -> HF split model directory")
+    exp.add_argument("--ckpt", required=True, help="checkpoint root (uses 'latest') or iter_ dir")
+    exp.add_argument("--out", required=True, help="new HF directory (must not exist)")
+    exp.add_argument("--dtype", default=None, choices=dtypes[1:], help="default: the checkpoint's")
+    exp.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard")
+    exp.add_argument("--no-progress", action="store_true")
+
+    ins = sub.add_parser("inspect", help="print keys, shapes, dtypes, sizes and config")
+    ins.add_argument("path")
+    return p
+
+
+def _summary_import(r) -> str:
+    lines = [f"wrote {r.path}: {r.tensors} tensors, {fmt_bytes(r.bytes_written)} in {r.seconds:.1f} s",
+             "read (bytes per file):"]
+    for path, n in sorted(r.bytes_read.items()):
+        lines.append(f"  {fmt_bytes(n):>12}  {path}")
+    total = sum(r.bytes_read.values())
+    rate = total / r.seconds / 1e9 if r.seconds else 0.0
+    lines.append(f"  {fmt_bytes(total):>12}  total from {len(r.bytes_read)} files ({rate:.2f} GB/s)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.cmd == "import-hf":
+        from splitllama.convert.import_hf import import_hf
+
+        return _summary_import(import_hf(args.lower, args.upper, args.num_layers_lower, args.num_layers_upper,
+                                         args.out, mlp=args.mlp, adapter_init=args.adapter_init,
+                                         seed=args.seed, dtype=args.dtype, progress=not args.no_progress))
+    if args.cmd == "import-hf-split":
+        from splitllama.convert.import_hf import import_hf_split
+
+        return _summary_import(import_hf_split(args.dir, args.out, dtype=args.dtype,
+                                               progress=not args.no_progress))
+    if args.cmd == "export-hf":
+        from splitllama.convert.export_hf import export_hf
+
+        r = export_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
+                      max_shard_bytes=int(args.max_shard_size * 1024 ** 3))
+        return (f"wrote {r.path}: {r.tensors} tensors, {fmt_bytes(r.bytes_written)} in {len(r.files)} "
+                f"file(s), {r.seconds:.1f} s")
+    from splitllama.convert.inspect_ckpt import inspect
+
+    return inspect(args.path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        print(run(args))
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""torch_dist -> HF split model (seed layout, DESIGN.md §1), streamed tensor by tensor.
+
+Writes sharded safetensors (+ index when more than one shard), config.json in the seed schema
+(CustomSplitLLamaConfig with embedded LLaMA configs and ``auto_map``), generation_config.json and
+the modeling code, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+loads it without splitllama installed. Each safetensors header is computed from the
+checkpoint metadata first, then tensors are read (one Megatron tensor at a time), split into
+their HF tensors and appended — memory is one tensor, not a shard. Written to ``DIR.tmp-<pid>``
+and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import BinaryIO, Optional
+
+import torch
+
+from splitllama.config.model import ModelConfig
+from splitllama.convert.dist_reader import DistCheckpoint
+from splitllama.convert.import_hf import DTYPES
+from splitllama.convert.keys import hf_shapes, schema
+from splitllama.convert.mapping import to_hf_tensors
+from splitllama.convert.progress import Progress
+from splitllama.convert.sources import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, ConversionError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass
+class ExportResult:
+    path: str
+    files: list[str]
+    bytes_written: int
+    tensors: int
+    seconds: float
+
+
+def model_config_of(ck: DistCheckpoint) -> ModelConfig:
+    if ck.model_config is None:
+        raise ConversionError(f"{ck.path}: no model_config.json; cannot tell the model's shape")
+    known = {f.name for f in fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in ck.model_config.items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{ck.path}/model_config.json: {e}") from None
+
+
+def _plan(ck: DistCheckpoint, cfg: ModelConfig, dtype: torch.dtype, max_shard: int) -> list[list[tuple]]:
+    """Shards as lists of (key, entry, [(hf name, shape)]); one Megatron tensor never spans shards."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for key, (e, shape) in schema(cfg).items():
+        if key not in ck:
+            raise ConversionError(f"{ck.path}: checkpoint lacks tensor {key}")
+        if ck.shape(key) != shape:
+            raise ConversionError(f"{ck.path}: tensor {key} has shape {list(ck.shape(key))}, model_config.json "
+                                  f"implies {list(shape)}")
+        parts = list(zip(e.hf, hf_shapes(e, cfg)))
+        n = sum(torch.Size(s).numel() for _, s in parts) * dtype.itemsize
+        if size and size + n > max_shard:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, e, parts))
+        size += n
+    return shards
+
+
+def _header(shard: list[tuple], dtype: torch.dtype) -> bytes:
+    entries, pos = {}, 0
+    for _, _, parts in shard:
+        for name, shape in parts:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+            pos += n
+    entries["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
+    t = t.contiguous()
+    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """config.json (seed schema + auto_map), generation_config.json and the modeling code."""
+    from transformers import GenerationConfig
+
+    from splitllama.hf import build
+    from splitllama.hf.configuration_splitllama import CustomSplitLLamaConfig
+
+    hf_cfg = CustomSplitLLamaConfig(path8b=cfg.path_lower, path70b=cfg.path_upper,
+                                    num_layers_8=cfg.num_layers_lower, num_layers_70=cfg.num_layers_upper,
+                                    mlp=cfg.mlp, config8b=cfg.lower.to_hf_dict(), config70b=cfg.upper.to_hf_dict())
+    hf_cfg.auto_map = dict(build.AUTO_MAP)
+    hf_cfg.architectures = ["CustomSplitLLamaForCausalLM"]
+    hf_cfg.dtype = _TORCH_DTYPE_NAMES[dtype]
+    hf_cfg.save_pretrained(out)
+    GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)
+    here = Path(build.__file__).resolve().parent
+    for name in build._CODE_FILES:
+        shutil.copyfile(here / name, out / name)
+
+
+def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool = True,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
+    """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`."""
+    t0 = time.perf_counter()
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ConversionError(f"output {out} already exists; choose a new path")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise ConversionError(f"output parent directory {os.path.dirname(out)} does not exist")
+    ck = DistCheckpoint(ckpt)
+    cfg = model_config_of(ck)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    out_dtype = DTYPES[dtype] if dtype else ck.dtype("embedding.word_embeddings.weight")
+    shards = _plan(ck, cfg, out_dtype, max_shard_bytes)
+    names = [SINGLE_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    total = sum(torch.Size(s).numel() for sh in shards for _, _, p in sh for _, s in p) * out_dtype.itemsize
+    bar = Progress(total, sum(len(sh) for sh in shards), "export", progress)
+    tmp = Path(f"{out}.tmp-{os.getpid()}")
+    weight_map: dict[str, str] = {}
+    try:
+        tmp.mkdir()
+        for fname, shard in zip(names, shards):
+            with open(tmp / fname, "wb") as f:
+                f.write(_header(shard, out_dtype))
+                for key, e, parts in shard:
+                    tensors = to_hf_tensors(e, ck.read(key))
+                    for (name, shape), t in zip(parts, tensors):
+                        assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+                        _write_tensor(f, t.to(out_dtype))
+                        weight_map[name] = fname
+                    bar.update(sum(t.numel() for t in tensors) * out_dtype.itemsize)
+                    del tensors
+                f.flush()
+                os.fsync(f.fileno())
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_hf_config(tmp, cfg, out_dtype)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return ExportResult(out, names, total, len(weight_map), time.perf_counter() - t0)

@@ -1,0 +1,287 @@
+"""HF -> torch_dist: stream two LLaMA checkpoints (or one seed split checkpoint) into a
+megatron-core checkpoint that SplitLlamaModel loads at any TP/PP.
+
+Everything is checked before anything is written (configs, N/M, vocab, every needed tensor's
+presence, shape and dtype, shard headers vs file sizes); the checkpoint is then written into
+``OUT.tmp-<pid>`` (layout: OUT/latest, OUT/iter_0000000/{DCP files, model_config.json,
+COMPLETE}) and renamed to OUT only when complete. Only the shards holding needed tensors are
+opened; tensors are read one at a time (large ones in row blocks of ≤ `max_chunk_bytes`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from splitllama.checkpoint import layout
+from splitllama.config.model import LlamaBlockConfig, ModelConfig
+from splitllama.convert.dist_writer import Piece, pickled_object, write_torch_dist
+from splitllama.convert.keys import extra_state_keys, hf_shapes, schema
+from splitllama.convert.buffers import BufferPool
+from splitllama.convert.mapping import FC1, QKV, Entry, source_name
+from splitllama.convert.progress import Progress
+from splitllama.convert.sources import DTYPE_NAMES, FLOAT_DTYPES, ConversionError, HFCheckpoint
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_MAX_CHUNK_BYTES = 512 << 20
+Resolver = Callable[[str], tuple[HFCheckpoint, str]]
+
+
+@dataclass
+class ImportResult:
+    path: str  # the written iter_ directory
+    config: ModelConfig
+    bytes_read: dict[str, int] = field(default_factory=dict)  # per source file
+    bytes_written: int = 0
+    tensors: int = 0
+    seconds: float = 0.0
+
+
+def check_llama_config(d: dict, what: str, source: str) -> LlamaBlockConfig:
+    """The block config of a HF config.json dict, refusing anything that is not plain LLaMA."""
+    try:
+        blk = LlamaBlockConfig.from_hf_dict(d, source=source)
+    except ValueError as e:
+        raise ConversionError(f"{what}: {e}") from None
+    problems = []
+    if d.get("model_type") != "llama":
+        problems.append(f"model_type is {d.get('model_type')!r}, expected 'llama'")
+    if d.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act is {d.get('hidden_act')!r}, expected 'silu'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            problems.append(f"{flag} is true, expected false")
+    if problems:
+        raise ConversionError(f"{what}: {source} is not a LLaMA config: {'; '.join(problems)}")
+    return blk
+
+
+def _validate(cfg: ModelConfig, where: str) -> None:
+    try:
+        cfg.validate(1)
+    except ValueError as e:
+        raise ConversionError(f"{e} ({where})") from None
+
+
+def _row_blocks(shape: tuple[int, ...], itemsize: int, limit: int) -> list[Optional[tuple[int, int]]]:
+    """Row ranges of ≤ `limit` bytes each; [None] (whole tensor) when one block suffices."""
+    row_bytes = itemsize
+    for s in shape[1:]:
+        row_bytes *= s
+    if len(shape) < 2 or shape[0] * row_bytes <= limit:
+        return [None]
+    step = max(1, limit // row_bytes)
+    return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
+
+
+class _Planner:
+    """Checks every source tensor and turns the key schema into lazily produced pieces."""
+
+    def __init__(self, cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[], torch.Tensor]],
+                 dtype: torch.dtype, max_chunk_bytes: int) -> None:
+        self.cfg, self.resolve, self.generated = cfg, resolve, generated
+        self.dtype, self.limit = dtype, max_chunk_bytes
+        self.expected_dtype: dict[str, torch.dtype] = {}
+        self.pool = BufferPool(max_cached_bytes=2 * max_chunk_bytes)
+
+    def load(self, ckpt: HFCheckpoint, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Tensor (rows) in the output dtype, in pooled buffers."""
+        src = ckpt.read(name, rows, out=self.pool.take(ckpt.nbytes(name, rows)))
+        if src.dtype == self.dtype:
+            return src
+        dst = self.pool.take(src.numel() * self.dtype.itemsize, self.dtype, tuple(src.shape))
+        dst.copy_(src)
+        self.pool.give_back(src)
+        return dst
+
+    def qkv(self, srcs: list[tuple[HFCheckpoint, str]], blk: LlamaBlockConfig) -> torch.Tensor:
+        """`mapping.merge_qkv` into a pooled buffer: per KV group its query heads, k, v."""
+        q, k, v = (self.load(c, n) for c, n in srcs)
+        ng, hd, h = blk.num_key_value_heads, blk.kv_channels, q.shape[1]
+        hpg = blk.num_attention_heads // ng
+        out = self.pool.take((q.numel() + k.numel() + v.numel()) * self.dtype.itemsize, self.dtype,
+                             (ng, (hpg + 2) * hd, h))
+        torch.cat([q.view(ng, hpg * hd, h), k.view(ng, hd, h), v.view(ng, hd, h)], dim=1, out=out)
+        for t in (q, k, v):
+            self.pool.give_back(t)
+        return out.view(-1, h)
+
+    def source(self, hf_name: str, shape: tuple[int, ...], e: Entry) -> tuple[HFCheckpoint, str]:
+        ckpt, name = self.resolve(hf_name)
+        info = ckpt.info(name)
+        where = f"{ckpt.what}: tensor {name} in {ckpt.path}/{ckpt.weight_map[name]}"
+        if info.shape != shape:
+            raise ConversionError(f"{where} has shape {list(info.shape)}, expected {list(shape)} "
+                                  f"(for {e.mcore})")
+        want = self.expected_dtype.setdefault(ckpt.path, ckpt.declared_dtype() or info.dtype)
+        if info.dtype not in FLOAT_DTYPES or info.dtype != want:
+            raise ConversionError(f"{where} has dtype {DTYPE_NAMES[info.dtype]}, expected "
+                                  f"{DTYPE_NAMES.get(want, want)}")
+        return ckpt, name
+
+    def _order(self, ckpt: HFCheckpoint, name: str, rows: Optional[tuple[int, int]]) -> tuple:
+        fname, start = ckpt.location(name)
+        info = ckpt.info(name)
+        return (1, f"{ckpt.path}/{fname}", start + (rows[0] * info.nbytes // info.shape[0] if rows else 0))
+
+    def _copy(self, key: str, gshape: tuple, ckpt: HFCheckpoint, name: str, row0: int = 0) -> list[Piece]:
+        shape = ckpt.info(name).shape
+        out = []
+        for rows in _row_blocks(shape, self.dtype.itemsize, self.limit):
+            r0, r1 = rows if rows else (0, shape[0] if shape else 0)
+            sizes = (r1 - r0, *shape[1:]) if rows else shape
+            offsets = (row0 + r0,) + (0,) * (len(shape) - 1)
+            out.append(Piece(key, gshape, offsets, tuple(sizes), self.dtype,
+                             (lambda c=ckpt, n=name, r=rows: self.load(c, n, r)), self._order(ckpt, name, rows)))
+        return out
+
+    def pieces(self) -> list[Piece]:
+        out: list[Piece] = []
+        for key, (e, gshape) in schema(self.cfg).items():
+            shapes = hf_shapes(e, self.cfg)
+            if e.hf[0] in self.generated:  # written last: generation overlaps the copying
+                out.append(Piece(key, gshape, (0,) * len(gshape), gshape, self.dtype,
+                                 self.generated[e.hf[0]], (2, "", len(out))))
+                continue
+            srcs = [self.source(h, s, e) for h, s in zip(e.hf, shapes)]
+            if e.kind == QKV:
+                out.append(Piece(key, gshape, (0, 0), gshape, self.dtype,
+                                 (lambda srcs=srcs, blk=e.block: self.qkv(srcs, blk)), self._order(*srcs[0], None)))
+            elif e.kind == FC1:  # gate rows [0, F), up rows [F, 2F): Megatron's two chunks
+                out += self._copy(key, gshape, *srcs[0]) + self._copy(key, gshape, *srcs[1], row0=shapes[0][0])
+            else:
+                out += self._copy(key, gshape, *srcs[0])
+        return out
+
+
+def _out_dtype(dtype: str, ckpt: HFCheckpoint, name: str) -> torch.dtype:
+    if dtype == "auto":
+        return ckpt.info(name).dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _prepare_out(out: str) -> str:
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        raise ConversionError(f"output {out} already exists; choose a new path")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise ConversionError(f"output parent directory {parent} does not exist")
+    return out
+
+
+def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[], torch.Tensor]],
+            sources: list[HFCheckpoint], out: str, dtype: torch.dtype, progress: bool = True,
+            max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+            on_checked: Optional[Callable[[], None]] = None) -> ImportResult:
+    """Check, then write the checkpoint for `cfg` (tensors from `resolve`d sources or
+    `generated`) to `out` atomically. Nothing is left behind on failure. `on_checked` runs
+    once every input check has passed, before writing starts."""
+    out = _prepare_out(out)
+    t0 = time.perf_counter()
+    planner = _Planner(cfg, resolve, generated, dtype, max_chunk_bytes)
+    pieces = planner.pieces()
+    if on_checked is not None:
+        on_checked()
+    remaining: dict[str, int] = {}
+    nbytes = {}
+    for p in pieces:
+        remaining[p.key] = remaining.get(p.key, 0) + 1
+        nbytes[p.index()] = (p.key, p.nbytes)
+    bar = Progress(sum(p.nbytes for p in pieces), len(remaining), "import", progress)
+
+    def on_written(index, _length: int) -> None:
+        key, n = nbytes[index]
+        remaining[key] -= 1
+        bar.update(n, tensors=int(remaining[key] == 0))
+
+    tmp_root = f"{out}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(tmp_root)
+        iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
+        objects = {k: pickled_object(None) for k in extra_state_keys(cfg)}
+        write_torch_dist(iter_tmp, pieces, objects, on_written, release=planner.pool.give_back)
+        layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
+        final = layout.finalize(tmp_root, iter_tmp, 0)
+        os.replace(tmp_root, out)
+    except BaseException:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    read: dict[str, int] = {}
+    for s in sources:
+        read.update(s.bytes_read())
+    return ImportResult(os.path.join(out, os.path.basename(final)), cfg, read,
+                        sum(p.nbytes for p in pieces), len(remaining), time.perf_counter() - t0)
+
+
+def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: int, out: str,
+              mlp: bool = False, adapter_init: str = "random", seed: int = 0, dtype: str = "auto",
+              progress: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
+    """Embedding + layers 0..N-1 of `lower`, a new adapter, layers L-M..L-1 + norm + lm_head of `upper`."""
+    from splitllama.hf.build import adapter_weights
+
+    out = _prepare_out(out)
+    ck = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
+    blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in ck.items()}
+    cfg = ModelConfig(lower=blocks["lower"], upper=blocks["upper"], num_layers_lower=num_layers_lower,
+                      num_layers_upper=num_layers_upper, mlp=mlp, path_lower=os.path.abspath(lower),
+                      path_upper=os.path.abspath(upper))
+    _validate(cfg, f"lower {lower}, upper {upper}")
+    if adapter_init not in ("random", "identity"):
+        raise ConversionError(f"--adapter-init must be random or identity (lstsq is deferred), got {adapter_init!r}")
+    if adapter_init == "identity" and cfg.lower.hidden_size > cfg.upper.hidden_size:
+        raise ConversionError(f"identity adapter needs lower hidden size ≤ upper: "
+                              f"{cfg.lower.hidden_size} > {cfg.upper.hidden_size}")
+    out_dtype = _out_dtype(dtype, ck["lower"], "model.embed_tokens.weight")
+
+    def resolve(hf_name: str) -> tuple[HFCheckpoint, str]:
+        which, name = source_name(hf_name, cfg)
+        if name == "lm_head.weight" and not ck[which].has(name) and cfg.upper.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        return ck[which], name
+
+    # The adapter (same values as splitllama.hf.build for the same seed) is generated on a helper
+    # thread from the moment the inputs are checked, overlapping the tensor copies.
+    pool = ThreadPoolExecutor(1)
+    adapter: list[Future] = []
+
+    def start() -> None:
+        adapter.append(pool.submit(adapter_weights, cfg.lower.hidden_size, cfg.upper.hidden_size, mlp,
+                                   adapter_init, seed, dtype=out_dtype))
+
+    def gen(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: adapter[0].result().pop(name[len("model."):])
+
+    names = ["model.adapter_linear_1.weight", "model.adapter_linear_2.weight"] if mlp else ["model.adapter.weight"]
+    try:
+        return convert(cfg, resolve, {n: gen(n) for n in names}, list(ck.values()), out, out_dtype,
+                       progress, max_chunk_bytes, on_checked=start)
+    finally:
+        pool.shutdown(wait=True)
+
+
+def import_hf_split(src: str, out: str, dtype: str = "auto", progress: bool = True,
+                    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
+    """A seed-format HF split model (CustomSplitLLamaForCausalLM) directory, adapter included."""
+    out = _prepare_out(out)
+    ck = HFCheckpoint(src, "split model")
+    cfg_file = os.path.join(src, "config.json")
+    try:
+        cfg = ModelConfig.from_seed_dict(ck.config, source=cfg_file)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"split model: {cfg_file}: {e}") from None
+    for which, key in (("lower", "config8b"), ("upper", "config70b")):
+        if isinstance(ck.config.get(key), dict):
+            check_llama_config(ck.config[key], which, f"{cfg_file} [{key}]")
+    _validate(cfg, src)
+    out_dtype = _out_dtype(dtype, ck, "model.embed_tokens.weight")
+    return convert(cfg, lambda name: (ck, name), {}, [ck], out, out_dtype, progress, max_chunk_bytes)
