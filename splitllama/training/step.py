@@ -8,6 +8,7 @@ import torch
 from megatron.core import parallel_state
 
 from splitllama.model.model import SplitLlamaModel
+from splitllama.platform import cpu
 
 
 def unwrap(model) -> SplitLlamaModel:
@@ -34,7 +35,8 @@ def get_batch(data_iterator: Optional[Iterator], model: SplitLlamaModel) -> dict
     if data_iterator is None:  # middle stages read no data
         return {}
     batch = next(data_iterator)
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    dev = cpu.device()
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def forward_step(data_iterator, model):
