@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.slurm
@@ -25,10 +27,15 @@ def _idle_nodes():
 
 @pytest.fixture(scope="module", autouse=True)
 def _need_cluster():
+    why = None
     if shutil.which("sbatch") is None:
-        pytest.skip("sbatch not on PATH (run .ci/slurm_up.sh)")
-    if len(_idle_nodes()) < 2:
-        pytest.skip("sinfo shows fewer than 2 idle nodes (run .ci/slurm_up.sh)")
+        why = "sbatch not on PATH (run .ci/slurm_up.sh)"
+    elif len(_idle_nodes()) < 2:
+        why = "sinfo shows fewer than 2 idle nodes (run .ci/slurm_up.sh)"
+    if why and os.environ.get("SPLITLLAMA_REQUIRE_SLURM") == "1":
+        pytest.fail(f"SPLITLLAMA_REQUIRE_SLURM=1 but {why}")
+    if why:
+        pytest.skip(why)
 
 
 def _free_port():
