@@ -16,6 +16,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from safetensors.torch import load_file, save_file
 
 from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
 from splitllama.training import optim_compat
 from splitllama.training.state import TrainState
@@ -64,6 +65,7 @@ def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
 def save(rt, root: str) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     it = rt.state.iteration
+    writer_queue.install()
     tmp = os.path.join(root, ck.tmp_dirname(it))
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)

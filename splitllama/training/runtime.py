@@ -98,9 +98,13 @@ def build_runtime(job: JobConfig) -> Runtime:
     optim_compat.tolerate_step(optimizer)
     iters = tr.total_iters()
     decay = opt.lr_decay_iters or iters
+    warmup = min(opt.lr_warmup_iters, max(decay - 1, 0))
+    if warmup != opt.lr_warmup_iters and dist.get_rank() == 0:
+        print(f"note: optimizer.lr_warmup_iters={opt.lr_warmup_iters} >= {decay} decay iterations; "
+              f"warming up over {warmup} instead", flush=True)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
-        lr_warmup_steps=opt.lr_warmup_iters * tr.global_batch_size,
+        lr_warmup_steps=warmup * tr.global_batch_size,
         lr_decay_steps=decay * tr.global_batch_size, lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay,
         wd_incr_steps=decay * tr.global_batch_size, wd_incr_style="constant")

@@ -1,0 +1,41 @@
+"""A well-behaved results queue for Megatron-Core's torch_dist checkpoint writer.
+
+megatron.core.dist_checkpointing's FileSystemWriterAsync collects write results through a
+`multiprocessing` Manager it spawns lazily on the first save. That Manager process inherits
+the trainer's stdout/stderr and outlives a trainer that is killed (SIGKILL, OOM, preemption):
+it then holds the parent's pipes open (a supervisor waiting for EOF hangs) and lingers.
+`install()` starts the Manager itself, once, with an initializer that detaches it from the
+parent's stdio and asks the kernel to kill it when the parent dies (Linux PR_SET_PDEATHSIG),
+and hands its queue to Megatron's writer.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+from multiprocessing.managers import SyncManager
+
+_MANAGER: SyncManager | None = None
+
+
+def _detach_and_die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: best effort
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+
+
+def install() -> None:
+    global _MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _MANAGER is not None or filesystem_async._results_queue is not None:
+        return
+    _MANAGER = SyncManager(ctx=mp.get_context("spawn"))
+    _MANAGER.start(initializer=_detach_and_die_with_parent)
+    filesystem_async._results_queue = _MANAGER.Queue()
