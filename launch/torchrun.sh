@@ -1,0 +1,83 @@
+#!/bin/bash
+# SplitLlama on one node under torchrun.
+#
+#   NPROC=2 CONFIG=configs/tiny.yaml launch/torchrun.sh [KEY=VALUE ...]
+#   e.g. NPROC=2 launch/torchrun.sh parallel.pipeline_model_parallel_size=2 train.train_iters=50
+#
+# Environment (all optional):
+#   NPROC           processes on this node (default: the number of visible GPUs, 1 without GPUs)
+#   CONFIG          YAML config (default configs/tiny.yaml), relative to the repository or absolute
+#   PYTHON          interpreter (default: the repository's .venv, else python3)
+#   RUN_ROOT        where run dirs go (default <repo>/runs)
+#   RUN_NAME        run dir name (default splitllama-<date>-<time>-<pid>)
+#   RUN_DIR         the run dir (default $RUN_ROOT/$RUN_NAME): train.log, metrics.jsonl, checkpoints/
+#   CKPT_DIR        checkpoint root, saved to AND resumed from (default $RUN_DIR/checkpoints);
+#                   rerun with the same RUN_DIR (or CKPT_DIR) to resume
+#   INIT_CKPT       weights to start from while CKPT_DIR holds no checkpoint (checkpoint.finetune=true)
+#   MASTER_PORT     rendezvous port (default: a free one, torchrun --standalone)
+#   DEVICE          cpu | gpu (default: gpu when GPUs are visible); gpu sets
+#                   CUDA_DEVICE_MAX_CONNECTIONS=1 and NCCL defaults, cpu uses gloo
+# KEY=VALUE arguments go to pretrain_splitllama.py after the ones this script adds, so they win.
+# SIGUSR1 / SIGTERM / SIGINT to this script are passed to the training processes (not to torchrun's
+# agent, which would die of SIGUSR1): they save a checkpoint and exit 0.
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SPLITLLAMA_HOME=${SPLITLLAMA_HOME:-$(dirname "$HERE")}
+# shellcheck source=launch/common.sh
+. "$HERE/common.sh"
+cd "$SPLITLLAMA_HOME" || die "cannot cd to $SPLITLLAMA_HOME"
+sl_python
+CONFIG=${CONFIG:-configs/tiny.yaml}
+[ -f "$CONFIG" ] || die "CONFIG=$CONFIG not found (relative paths are taken from $SPLITLLAMA_HOME)"
+
+GPUS=$(sl_gpu_count)
+if [ -z "${NPROC:-}" ]; then
+  if [ "${DEVICE:-}" != cpu ] && [ "$GPUS" -gt 0 ]; then NPROC=$GPUS; else NPROC=1; fi
+fi
+CORES=$(nproc 2>/dev/null || echo 1)
+sl_device_env "$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))"
+
+RUN_ROOT=${RUN_ROOT:-$SPLITLLAMA_HOME/runs}
+RUN_NAME=${RUN_NAME:-splitllama-$(date +%Y%m%d-%H%M%S)-$$}
+RUN_DIR=${RUN_DIR:-$RUN_ROOT/$RUN_NAME}
+CKPT_DIR=${CKPT_DIR:-$RUN_DIR/checkpoints}
+mkdir -p "$RUN_DIR" || die "cannot create RUN_DIR=$RUN_DIR"
+LOG=$RUN_DIR/train.log
+sl_tee_to "$LOG"
+export PYTHONUNBUFFERED=1
+sl_train_args
+ARGS+=("$@")
+
+if [ -n "${MASTER_PORT:-}" ]; then
+  RDZV=(--rdzv-backend=c10d "--rdzv-endpoint=127.0.0.1:$MASTER_PORT" --nnodes=1)
+else
+  RDZV=(--standalone)
+fi
+
+say "=== torchrun: $NPROC process(es) on $(hostname) | device: $DEVICE | OMP_NUM_THREADS=$OMP_NUM_THREADS ==="
+say "run dir: $RUN_DIR"
+say "log: $LOG | metrics: $RUN_DIR/metrics.jsonl | checkpoints: $CKPT_DIR | start: $START"
+say "command: $PYTHON -m torch.distributed.run ${RDZV[*]} --nproc-per-node=$NPROC pretrain_splitllama.py ${ARGS[*]}"
+
+AGENT=""
+SIGNALLED=""
+forward() {  # to the workers (children of the torchrun agent)
+  SIGNALLED=${SIGNALLED:-$1}
+  say "got SIG$1: forwarding it to the training processes (they save a checkpoint and exit 0)"
+  [ -n "$AGENT" ] || return 0
+  local p
+  for p in $(pgrep -P "$AGENT"); do kill -s "$1" "$p" 2>/dev/null || true; done
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+trap 'forward TERM' INT   # Ctrl-C: background jobs ignore SIGINT, so ask for a save instead
+
+"$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node="$NPROC" \
+  pretrain_splitllama.py "${ARGS[@]}" &
+AGENT=$!
+while true; do
+  wait "$AGENT"; RC=$?
+  kill -0 "$AGENT" 2>/dev/null || break
+done
+say "torchrun exited with status $RC${SIGNALLED:+ (SIG$SIGNALLED received)} | run dir: $RUN_DIR"
+exit "$RC"
