@@ -67,23 +67,24 @@ class DistCheckpoint:
         md = self.tensor_meta(key)
         return md.size.numel() * md.properties.dtype.itemsize
 
-    def _read_bytes(self, info) -> bytes:
-        with open(os.path.join(self.path, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        if len(data) != info.length:
-            raise ConversionError(f"{self.path}/{info.relative_path}: truncated (wanted {info.length} "
-                                  f"bytes at {info.offset}, got {len(data)})")
-        return data
+    def _load_record(self, info) -> object:
+        """torch.load of one stored item, read straight from its byte range of the file."""
+        path = os.path.join(self.path, info.relative_path)
+        if os.path.getsize(path) < info.offset + info.length:
+            raise ConversionError(f"{path}: truncated (item at {info.offset}+{info.length} bytes)")
+        with open(path, "rb", buffering=0) as f:
+            return torch.load(_Window(f, info.offset, info.length), weights_only=True)
 
     def read(self, key: str) -> torch.Tensor:
         """The full (global) tensor `key`."""
         md = self.tensor_meta(key)
-        out = torch.empty(tuple(md.size), dtype=md.properties.dtype)
+        shape = tuple(md.size)
+        if len(md.chunks) == 1 and tuple(md.chunks[0].sizes) == shape:  # one chunk: no assembly
+            return self._load_record(self._storage(key, md.chunks[0].offsets)).reshape(shape)
+        out = torch.empty(shape, dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
-            info = self._storage(key, chunk.offsets)
-            part = torch.load(io.BytesIO(self._read_bytes(info)), weights_only=True)
+            part = self._load_record(self._storage(key, chunk.offsets))
             view = out
             for dim, (o, s) in enumerate(zip(chunk.offsets, chunk.sizes)):
                 view = view.narrow(dim, o, s)
@@ -96,7 +97,8 @@ class DistCheckpoint:
 
     def read_object(self, key: str) -> object:
         for _, info in self._chunks.get(key, []):
-            return torch.load(io.BytesIO(self._read_bytes(info)), weights_only=False)
+            with open(os.path.join(self.path, info.relative_path), "rb") as f:
+                return torch.load(_Window(f, info.offset, info.length), weights_only=False)
         raise ConversionError(f"{self.path}: checkpoint has no object {key}")
 
     def _storage(self, key: str, offsets: torch.Size):
@@ -104,3 +106,34 @@ class DistCheckpoint:
             if off is not None and tuple(off) == tuple(offsets):
                 return info
         raise ConversionError(f"{self.path}: no stored data for chunk {tuple(offsets)} of {key}")
+
+
+class _Window(io.RawIOBase):
+    """The byte range [offset, offset + length) of an open file, as a seekable stream."""
+
+    def __init__(self, f, offset: int, length: int) -> None:
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, min(self.length, base + pos))
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.length - self.pos)
+        if n <= 0:
+            return 0
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(b)[:n])
+        self.pos += got
+        return got

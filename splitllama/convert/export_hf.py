@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Optional
@@ -24,7 +25,7 @@ from splitllama.config.model import ModelConfig
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.import_hf import DTYPES
 from splitllama.convert.keys import hf_shapes, schema
-from splitllama.convert.mapping import to_hf_tensors
+from splitllama.convert.mapping import FC1, to_hf_tensors
 from splitllama.convert.progress import Progress
 from splitllama.convert.sources import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, ConversionError
 
@@ -89,6 +90,13 @@ def _write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
+def _close(f: Optional[BinaryIO]) -> None:
+    if f is not None:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+
+
 def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
     """config.json (seed schema + auto_map), generation_config.json and the modeling code."""
     from transformers import GenerationConfig
@@ -130,21 +138,27 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
     bar = Progress(total, sum(len(sh) for sh in shards), "export", progress)
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     weight_map: dict[str, str] = {}
+    todo = [(fname, key, e, parts) for fname, shard in zip(names, shards) for key, e, parts in shard]
     try:
         tmp.mkdir()
-        for fname, shard in zip(names, shards):
-            with open(tmp / fname, "wb") as f:
-                f.write(_header(shard, out_dtype))
-                for key, e, parts in shard:
-                    tensors = to_hf_tensors(e, ck.read(key))
-                    for (name, shape), t in zip(parts, tensors):
-                        assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
-                        _write_tensor(f, t.to(out_dtype))
-                        weight_map[name] = fname
-                    bar.update(sum(t.numel() for t in tensors) * out_dtype.itemsize)
-                    del tensors
-                f.flush()
-                os.fsync(f.fileno())
+        with ThreadPoolExecutor(1) as pool:  # reads the next tensor while this one is written
+            ahead = pool.submit(ck.read, todo[0][1])
+            f: Optional[BinaryIO] = None
+            for i, (fname, key, e, parts) in enumerate(todo):
+                full = ahead.result()
+                ahead = pool.submit(ck.read, todo[i + 1][1]) if i + 1 < len(todo) else None
+                if f is None or f.name != str(tmp / fname):
+                    _close(f)
+                    f = open(tmp / fname, "wb")
+                    f.write(_header(shards[names.index(fname)], out_dtype))
+                tensors = list(full.chunk(2)) if e.kind == FC1 else to_hf_tensors(e, full)  # FC1: row views
+                for (name, shape), t in zip(parts, tensors):
+                    assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
+                    _write_tensor(f, t.to(out_dtype))
+                    weight_map[name] = fname
+                bar.update(sum(t.numel() for t in tensors) * out_dtype.itemsize)
+                del full, tensors
+            _close(f)
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -20,8 +20,8 @@ import torch
 
 from splitllama.checkpoint import layout
 from splitllama.config.model import LlamaBlockConfig, ModelConfig
-from splitllama.convert.dist_writer import Piece, pickled_object, write_torch_dist
-from splitllama.convert.keys import extra_state_keys, hf_shapes, schema
+from splitllama.convert.dist_writer import Piece, write_torch_dist
+from splitllama.convert.keys import hf_shapes, schema
 from splitllama.convert.buffers import BufferPool
 from splitllama.convert.mapping import FC1, QKV, Entry, source_name
 from splitllama.convert.progress import Progress
@@ -206,8 +206,7 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     try:
         os.makedirs(tmp_root)
         iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
-        objects = {k: pickled_object(None) for k in extra_state_keys(cfg)}
-        write_torch_dist(iter_tmp, pieces, objects, on_written, release=planner.pool.give_back)
+        write_torch_dist(iter_tmp, pieces, {}, on_written, release=planner.pool.give_back)
         layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
         final = layout.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)

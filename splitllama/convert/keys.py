@@ -6,8 +6,8 @@
   ``...linear_fc1.layer_norm_weight``) so local- and TE-spec checkpoints share keys;
 - global (TP=1) shapes; linear_fc1 = cat(gate, up) stored as two chunks, rows [0, F) (gate)
   and [F, 2F) (up) at TP=1 — Megatron's swiglu factory then reshards it to any TP;
-- one ShardedObject ``<linear>._extra_state/shard_0_1`` per linear layer (local spec: the
-  pickled list ``[None]``). The embedding and the norms have none.
+- no ``_extra_state`` objects: `splitllama.checkpoint.model_io.model_sharded_state_dict` (what
+  training saves and loads) leaves them out — they hold TE FP8 runtime state, not weights.
 Checked against a real `dist_checkpointing.save` of the model in tests/distributed.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 from splitllama.config.model import ModelConfig
 from splitllama.convert.mapping import FC1, QKV, TE_NORM_ALIASES, Entry, entries
 
-EXTRA_STATE_SUFFIX = "._extra_state/shard_0_1"
 _LOCAL_TO_TE = {local: te for te, local in TE_NORM_ALIASES.items()}
 
 
@@ -25,15 +24,6 @@ def ckpt_key(mcore_name: str) -> str:
         if mcore_name.endswith(local):
             return mcore_name[: -len(local)] + te
     return mcore_name
-
-
-def is_linear(e: Entry) -> bool:
-    return e.mcore == "output_layer.weight" or ".linear" in e.mcore
-
-
-def extra_state_keys(cfg: ModelConfig) -> list[str]:
-    """DCP keys of the `_extra_state` ShardedObjects (one per linear layer)."""
-    return [e.mcore[: -len(".weight")] + EXTRA_STATE_SUFFIX for e in entries(cfg) if is_linear(e)]
 
 
 def hf_shapes(e: Entry, cfg: ModelConfig) -> list[tuple[int, ...]]:

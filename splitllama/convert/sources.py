@@ -99,6 +99,7 @@ class SafetensorsFile:
         if buf.numel() != nbytes:
             raise ValueError(f"{name}: output buffer has {buf.numel()} bytes, need {nbytes}")
         with open(self.path, "rb", buffering=0) as f:
+            _fadvise(f, start, nbytes, "POSIX_FADV_SEQUENTIAL")
             f.seek(start)
             view, got = memoryview(buf.numpy()), 0
             while got < nbytes:
@@ -107,8 +108,14 @@ class SafetensorsFile:
                     raise ConversionError(f"{self.path}: truncated while reading {name} "
                                           f"({got} of {nbytes} bytes)")
                 got += n
+            _fadvise(f, start, nbytes, "POSIX_FADV_DONTNEED")  # read once: keep the page cache free
         self.bytes_read += nbytes
         return buf.view(info.dtype).reshape(shape)
+
+
+def _fadvise(f, offset: int, nbytes: int, advice: str) -> None:
+    if hasattr(os, advice):
+        os.posix_fadvise(f.fileno(), offset, nbytes, getattr(os, advice))
 
 
 class HFCheckpoint:
