@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from splitllama.checkpoint import layout as ck
@@ -91,20 +92,28 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert not (save / "iter_0000020.tmp").exists()
 
 
-def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["python", "torchrun_pp2"])
+def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path, nproc):
+    """SIGTERM to the training processes (a plain python run, or torchrun's workers — which
+    is what SLURM / the launch scripts deliver) -> checkpoint at the current iteration,
+    exit 0, and a resumed run continues the count."""
+    pp = ["parallel.pipeline_model_parallel_size=2"] if nproc == 2 else []
     save, m1 = tmp_path / "ckpt", tmp_path / "m1.jsonl"
-    proc = apprun.start(2, ["train.train_iters=200", f"checkpoint.save={save}", f"logging.metrics_file={m1}",
-                            "parallel.pipeline_model_parallel_size=2"])
+    proc = apprun.start(nproc, ["train.train_iters=200", f"checkpoint.save={save}",
+                                f"logging.metrics_file={m1}", *pp])
     apprun.wait_until(proc, lambda: 5 in apprun.losses(m1))
-    os.killpg(proc.pid, signal.SIGTERM)  # torchrun forwards it to both ranks
+    targets = [proc.pid] if nproc == 1 else [c.pid for c in psutil.Process(proc.pid).children()]
+    assert len(targets) == nproc
+    for pid in targets:
+        os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     done = max(apprun.losses(m1))
     assert f"[signal] checkpoint saved at iteration {done}" in out
     assert (save / "latest").read_text().strip() == ck.iter_dirname(done)
     m2 = tmp_path / "m2.jsonl"
-    apprun.run(2, [f"train.train_iters={done + 3}", f"checkpoint.save={save}", f"checkpoint.load={save}",
-                   f"logging.metrics_file={m2}", "parallel.pipeline_model_parallel_size=2"])
+    apprun.run(nproc, [f"train.train_iters={done + 3}", f"checkpoint.save={save}", f"checkpoint.load={save}",
+                       f"logging.metrics_file={m2}", *pp])
     assert sorted(apprun.losses(m2)) == [done + 1, done + 2, done + 3]
 
 
