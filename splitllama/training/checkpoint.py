@@ -62,8 +62,17 @@ def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
                                            metadata=dict(SHARDED_METADATA))
 
 
+_ASYNC = None  # AsyncCallsQueue, created on the first asynchronous save
+
+
 def save(rt, root: str) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory.
+
+    With `checkpoint.async_save` the shards are written by a background process and the
+    checkpoint becomes `latest` only when `finalize_pending()` sees every rank finished
+    (the loop polls it each iteration, and blocks on it before the next save and at exit)."""
+    global _ASYNC
+    finalize_pending(blocking=True)  # at most one save in flight
     it = rt.state.iteration
     writer_queue.install()
     tmp = os.path.join(root, ck.tmp_dirname(it))
@@ -76,23 +85,43 @@ def save(rt, root: str) -> str:
     if rt.trainable_params_global > 0:
         sd["optimizer"] = _optimizer_sd(rt, model_sd, is_loading=False)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    dist_checkpointing.save(sd, tmp)
     save_file(_rng_tensors(), _rng_file(tmp))
-    if os.environ.get(FAULT_KILL_IN_SAVE) == str(it):  # fault injection for the crash-in-save test
-        os.kill(os.getpid(), signal.SIGKILL)
-    dist.barrier()
+    # everything describing this moment is captured now, written when the shards are done
+    meta = {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(), "parallel_sizes": _sizes(),
+            "has_optimizer": "optimizer" in sd}
+    model_dict, job_yaml, keep = rt.job.model.to_dict(), rt.job.to_yaml(), rt.job.checkpoint.keep_last
+
+    def complete() -> None:
+        if os.environ.get(FAULT_KILL_IN_SAVE) == str(it):  # fault injection: crash-in-save test
+            os.kill(os.getpid(), signal.SIGKILL)
+        if dist.get_rank() == 0:
+            ck.write_json(tmp, ck.MODEL_CONFIG, model_dict)
+            with open(os.path.join(tmp, ck.JOB_CONFIG), "w") as f:
+                f.write(job_yaml)
+            ck.write_json(tmp, ck.TRAIN_STATE, meta)
+            ck.finalize(root, tmp, it)
+            ck.prune(root, keep)
+
     final = os.path.join(root, ck.iter_dirname(it))
-    if dist.get_rank() == 0:
-        ck.write_json(tmp, ck.MODEL_CONFIG, rt.job.model.to_dict())
-        with open(os.path.join(tmp, ck.JOB_CONFIG), "w") as f:
-            f.write(rt.job.to_yaml())
-        ck.write_json(tmp, ck.TRAIN_STATE, {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(),
-                                             "parallel_sizes": _sizes(),
-                                             "has_optimizer": "optimizer" in sd})
-        final = ck.finalize(root, tmp, it)
-        ck.prune(root, rt.job.checkpoint.keep_last)
+    if rt.job.checkpoint.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        request.add_finalize_fn(complete)
+        _ASYNC = _ASYNC or AsyncCallsQueue()
+        _ASYNC.schedule_async_request(request)
+        return final
+    dist_checkpointing.save(sd, tmp)
+    dist.barrier()
+    complete()
     dist.barrier()
     return final
+
+
+def finalize_pending(blocking: bool = False) -> None:
+    """Complete asynchronous saves whose shards are written (collective)."""
+    if _ASYNC is not None:
+        _ASYNC.maybe_finalize_async_calls(blocking=blocking)
 
 
 def load(rt, path: str, finetune: bool) -> None:

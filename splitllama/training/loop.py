@@ -108,9 +108,12 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
             if job.checkpoint.save_on_signal and _any_rank(signals.received() is not None):
                 if job.checkpoint.save:
                     path = checkpoint.save(rt, job.checkpoint.save)
+                    checkpoint.finalize_pending(blocking=True)
                     if rank0:
                         print(f"[signal] checkpoint saved at iteration {st.iteration} -> {path}; exiting 0", flush=True)
                 return 0
+            if job.checkpoint.async_save:
+                checkpoint.finalize_pending()
             t0 = time.time()
             loss, grad_norm, applied = train_step(rt)
             dt = time.time() - t0
@@ -168,4 +171,5 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
             print(f"done: {st.iteration - start_iter} iterations this run, {st.skipped_iterations} skipped", flush=True)
         return 0
     finally:
+        checkpoint.finalize_pending(blocking=True)
         sink.close()

@@ -43,15 +43,16 @@ def _straight_and_killed(tmp_path: Path, nproc: int, extra: list[str]):
     proc = apprun.start(nproc, ["train.train_iters=20", "checkpoint.save_interval=10", f"checkpoint.save={save}",
                                 f"logging.metrics_file={m1}", *extra])
     # kill -9 (the whole process group) once iteration 12 ran, i.e. after the save at 10 completed
-    apprun.wait_until(proc, lambda: 12 in apprun.losses(m1))
+    apprun.wait_until(proc, lambda: 12 in apprun.losses(m1) and (save / "latest").exists())
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (save / "latest").read_text().strip() == "iter_0000010"
     return apprun.losses(straight), save
 
 
-@pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["parallel.pipeline_model_parallel_size=2"])],
-                         ids=["pp1", "pp2"])
+@pytest.mark.parametrize("nproc, extra", [(1, []), (2, ["parallel.pipeline_model_parallel_size=2"]),
+                                          (1, ["checkpoint.async_save=true"])],
+                         ids=["pp1", "pp2", "pp1_async_save"])
 def test_exact_resume_after_kill9(tmp_path, nproc, extra):
     straight, save = _straight_and_killed(tmp_path, nproc, extra)
     m2 = tmp_path / "part2.jsonl"
