@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Optional
 
@@ -15,6 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from splitllama.platform import cpu
 from splitllama.training import checkpoint, signals
 from splitllama.training.metrics import MetricsSink, peak_tflops
+from splitllama.training import step as step_mod
 from splitllama.training.step import forward_step, pipeline_shapes_hook
 
 log = logging.getLogger("splitllama")
@@ -56,8 +58,13 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _fault_nan_iters() -> set[int]:
+    return {int(x) for x in os.environ.get("SPLITLLAMA_FAULT_NAN_ITERS", "").split(",") if x.strip()}
+
+
 def train_step(rt) -> tuple[float, Optional[float], bool]:
     """One global batch. Returns (loss, grad_norm, applied)."""
+    step_mod.INJECT_NAN = rt.state.iteration + 1 in _fault_nan_iters()
     rt.ddp.zero_grad_buffer()
     rt.optimizer.zero_grad()
     fb = get_forward_backward_func()

@@ -17,12 +17,19 @@ def unwrap(model) -> SplitLlamaModel:
     return model
 
 
+# Fault injection for tests (SPLITLLAMA_FAULT_NAN_ITERS=3,4): the loop sets this for the
+# listed iterations and the loss (hence every gradient) becomes NaN.
+INJECT_NAN = False
+
+
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Per-token losses [b, s] -> (sum, tokens, {'lm loss': [sum, tokens]}).
     Megatron divides the sum by the token count (per micro-batch mean) and by the number of
     micro-batches; the reported value is summed over micro-batches and DP by the caller."""
     mask = loss_mask.view(-1).float()
     total = torch.sum(output_tensor.view(-1).float() * mask)
+    if INJECT_NAN:
+        total = total * float("nan")
     tokens = mask.sum().to(torch.int)
     report = torch.stack([total.detach().clone(), mask.sum()])
     return total, tokens, {"lm loss": report}

@@ -132,3 +132,18 @@ def test_checkpoint_loads_under_other_layouts_with_equal_eval_loss(tmp_path):
         vals[" ".join(extra)] = json.loads(line[0])["eval_loss"]
     ref = next(iter(vals.values()))
     assert all(abs(v - ref) <= 1e-5 * ref for v in vals.values()), vals
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    """NaN loss/gradients (injected at chosen iterations) skip the update and are counted;
+    too many in a row stop the run with a clear message."""
+    m = tmp_path / "m.jsonl"
+    apprun.run(1, ["train.train_iters=6", f"logging.metrics_file={m}"], extra_env={"SPLITLLAMA_FAULT_NAN_ITERS": "3"})
+    recs = {r["iteration"]: r for r in apprun.metrics(m)}
+    assert recs[3]["loss"] != recs[3]["loss"] and recs[3]["grad_norm"] is None  # NaN, no update
+    assert recs[2]["skipped_iterations"] == 0 and recs[6]["skipped_iterations"] == 1
+    assert all(recs[i]["loss"] == recs[i]["loss"] for i in (4, 5, 6))  # training went on, finite
+    p = apprun.run(1, ["train.train_iters=10", "train.max_consecutive_skipped=3"], check=False,
+                   extra_env={"SPLITLLAMA_FAULT_NAN_ITERS": "4,5,6"})
+    assert p.returncode != 0
+    assert "stopping: 3 iterations in a row had non-finite loss/gradients" in p.stderr + p.stdout
