@@ -147,3 +147,23 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
                    extra_env={"SPLITLLAMA_FAULT_NAN_ITERS": "4,5,6"})
     assert p.returncode != 0
     assert "stopping: 3 iterations in a row had non-finite loss/gradients" in p.stderr + p.stdout
+
+
+def test_checkpoint_model_config_is_used_and_conflicts_refused(tmp_path):
+    save = tmp_path / "ckpt"
+    apprun.run(1, ["train.train_iters=2", "model.num_layers_upper=2", "model.mlp=true", f"checkpoint.save={save}"])
+    saved = json.loads((save / "iter_0000002" / ck.MODEL_CONFIG).read_text())
+    assert (saved["num_layers_upper"], saved["mlp"]) == (2, True)
+    # configs/tiny.yaml sets model.num_layers_upper: 3 explicitly -> one clear error
+    p = apprun.run(1, [f"checkpoint.load={save}", "train.eval_only=true"], check=False)
+    assert p.returncode != 0
+    assert f"model.num_layers_upper in the config (3) conflicts with the checkpoint {save} (2)" in p.stderr
+    # without a model section the checkpoint's model (2 upper layers, MLP adapter) is built
+    cmd = apprun.cmd(1, [])
+    cmd = [c for c in cmd if c not in ("--config", "configs/tiny.yaml")]
+    import subprocess
+    q = subprocess.run(cmd + [f"checkpoint.load={save}", "train.eval_only=true", "data.mock_pattern=true",
+                              "data.seq_length=64", "train.micro_batch_size=4", "train.global_batch_size=8"],
+                       cwd=apprun.REPO, env=apprun.env(), capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr[-3000:]
+    assert "U2" in q.stdout and '{"eval_loss"' in q.stdout

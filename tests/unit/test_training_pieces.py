@@ -1,0 +1,61 @@
+"""Small pure pieces of the training app: freeze rules, checkpoint layout, metrics sinks."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from splitllama.checkpoint import layout as ck
+from splitllama.training.freeze import apply_freeze, trainable_predicate
+
+
+def test_freeze_rules():
+    names = ["embedding.word_embeddings.weight", "lower.layers.0.input_layernorm.weight", "adapter.linear.weight",
+             "upper.layers.1.pre_mlp_layernorm.weight", "final_layernorm.weight", "output_layer.weight"]
+    assert [trainable_predicate("none")(n) for n in names] == [True] * 6
+    assert [trainable_predicate("all_but_adapter")(n) for n in names] == [False, False, True, False, False, False]
+    keep_norms = trainable_predicate("all_but:layernorm")
+    assert [keep_norms(n) for n in names] == [False, True, True, True, True, False]
+    with pytest.raises(ValueError, match="model.freeze: 'adapter' is not"):
+        trainable_predicate("adapter")
+    m = torch.nn.Module()
+    m.adapter = torch.nn.Linear(2, 3, bias=False)
+    m.output_layer = torch.nn.Linear(3, 4, bias=False)
+    assert apply_freeze(m, "all_but_adapter") == (6, 12)
+    assert m.adapter.weight.requires_grad and not m.output_layer.weight.requires_grad
+
+
+def test_checkpoint_layout_atomic_finalize_and_prune(tmp_path):
+    root = str(tmp_path)
+    for it in (10, 20, 30):
+        tmp = os.path.join(root, ck.tmp_dirname(it))
+        os.makedirs(tmp)
+        assert not ck.is_complete(tmp)
+        ck.finalize(root, tmp, it)
+    assert ck.resolve(root).endswith("iter_0000030")
+    os.makedirs(os.path.join(root, ck.tmp_dirname(40)))  # a crashed save: never loadable
+    assert ck.resolve(root).endswith("iter_0000030")
+    with pytest.raises(ValueError, match="neither a complete checkpoint"):
+        ck.resolve(os.path.join(root, ck.tmp_dirname(40)))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ck.resolve(os.path.join(root, "nope"))
+    removed = ck.prune(root, keep_last=2)
+    assert [os.path.basename(p) for p in removed] == ["iter_0000010"]
+    assert [i for i, _ in ck.list_complete(root)] == [20, 30]
+
+
+def test_tensorboard_sink_writes_events(tmp_path, monkeypatch):
+    pytest.importorskip("torch.utils.tensorboard")
+    pytest.importorskip("tensorboard")
+    import torch.distributed as dist
+
+    from splitllama.config.train import LoggingConfig
+    from splitllama.training.metrics import MetricsSink
+
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    sink = MetricsSink(LoggingConfig(metrics_file=str(tmp_path / "m.jsonl"), tensorboard_dir=str(tmp_path / "tb")), {})
+    sink.write({"iteration": 1, "loss": 2.5, "lr": 0.1})
+    sink.close()
+    assert (tmp_path / "m.jsonl").read_text().strip() == '{"iteration": 1, "loss": 2.5, "lr": 0.1}'
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
