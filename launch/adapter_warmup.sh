@@ -19,16 +19,20 @@
 #   WARMUP_OVERRIDES  extra KEY=VALUE for phase 1 only, space-separated (e.g. "optimizer.lr=1e-3")
 #   TRAIN_OVERRIDES   extra KEY=VALUE for phase 2 only, space-separated
 #   PIPELINE_DIR      holds warmup/ and train/ (default $RUN_ROOT/<name>-<date>-<time>)
-#   NAME              job-name prefix (default splitllama): jobs <name>-warmup and <name>-train
+#   PIPELINE_NAME     job-name prefix (default splitllama): jobs <name>-warmup and <name>-train
 #   and everything launch/submit.sh and slurm.sbatch read (CONFIG, RUN_ROOT, PYTHON, ...).
 # Prints "warmup job <id> run_dir <dir>" and "train job <id> run_dir <dir>".
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SPLITLLAMA_HOME=${SPLITLLAMA_HOME:-$(dirname "$HERE")}
+# shellcheck source=launch/common.sh
+. "$HERE/common.sh"
+sl_abs_paths CONFIG RUN_ROOT BASE_CKPT PIPELINE_DIR
 export RUN_ROOT=${RUN_ROOT:-$SPLITLLAMA_HOME/runs}
-NAME=${NAME:-splitllama}
+unset RUN_DIR CKPT_DIR INIT_CKPT   # set per phase below
+PIPELINE_NAME=${PIPELINE_NAME:-splitllama}
 WARMUP_ITERS=${WARMUP_ITERS:-100}
-PIPELINE_DIR=${PIPELINE_DIR:-$RUN_ROOT/$NAME-$(date +%Y%m%d-%H%M%S)}
+PIPELINE_DIR=${PIPELINE_DIR:-$RUN_ROOT/$PIPELINE_NAME-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$PIPELINE_DIR"
 PIPELINE_DIR=$(cd "$PIPELINE_DIR" && pwd)
 
@@ -48,7 +52,7 @@ dir_of() { awk '/^job [0-9]+ run_dir /{print $4}' <<<"$1"; }
 
 # Phase 1: adapter only. Its common overrides come first so that the phase's own settings win.
 OUT1=$(CKPT_DIR=$PIPELINE_DIR/warmup INIT_CKPT=${BASE_CKPT:-} \
-       "$HERE/submit.sh" --job-name="$NAME-warmup" "${SB[@]}" -- \
+       "$HERE/submit.sh" --job-name="$PIPELINE_NAME-warmup" "${SB[@]}" -- \
        "${OV[@]}" model.freeze=all_but_adapter "train.train_iters=$WARMUP_ITERS" "${WARM_EXTRA[@]}")
 J1=$(job_of "$OUT1")
 [ -n "$J1" ] || { echo "adapter_warmup: phase-1 submission failed: $OUT1" >&2; exit 1; }
@@ -56,7 +60,7 @@ echo "warmup job $J1 run_dir $(dir_of "$OUT1")"
 
 # Phase 2: full training from the warmup's latest checkpoint, once phase 1 has succeeded.
 OUT2=$(CKPT_DIR=$PIPELINE_DIR/train INIT_CKPT=$PIPELINE_DIR/warmup \
-       "$HERE/submit.sh" --job-name="$NAME-train" --dependency="afterok:$J1" --kill-on-invalid-dep=yes \
+       "$HERE/submit.sh" --job-name="$PIPELINE_NAME-train" --dependency="afterok:$J1" --kill-on-invalid-dep=yes \
        "${SB[@]}" -- "${OV[@]}" "${TRAIN_EXTRA[@]}")
 J2=$(job_of "$OUT2")
 [ -n "$J2" ] || { echo "adapter_warmup: phase-2 submission failed: $OUT2" >&2; scancel "$J1"; exit 1; }

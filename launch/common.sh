@@ -73,3 +73,25 @@ sl_tee_to() {
   SL_TEE_PID=$!
   trap 'exec >&- 2>&-; wait "$SL_TEE_PID" 2>/dev/null' EXIT
 }
+
+# Has process $1 installed a handler for SIGUSR1 (bit 9 of SigCgt in /proc/<pid>/status)?
+# The app does so just before training starts; before that a SIGUSR1 would kill it.
+sl_handles_usr1() {
+  local caught
+  caught=$(awk '/^SigCgt:/{print $2}' "/proc/$1/status" 2>/dev/null)
+  [ -n "$caught" ] && (( (16#$caught >> 9) & 1 ))
+}
+
+# Make the path variables named in "$@" absolute against the current directory (call it before
+# cd-ing into the checkout); CONFIG only when it exists here (else it is taken from the checkout).
+sl_abs_paths() {
+  local v val
+  for v in "$@"; do
+    val=${!v:-}
+    [ -n "$val" ] || continue
+    case "$val" in /*) continue ;; esac
+    if [ "$v" = CONFIG ] && [ ! -e "$val" ]; then continue; fi
+    printf -v "$v" '%s' "$PWD/$val"
+    export "${v?}"
+  done
+}

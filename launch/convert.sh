@@ -28,6 +28,7 @@ if [ ! -f "$SPLITLLAMA_HOME/launch/common.sh" ]; then
 fi
 # shellcheck source=launch/common.sh
 . "$SPLITLLAMA_HOME/launch/common.sh"
+sl_abs_paths RUN_ROOT RUN_DIR
 cd "$SPLITLLAMA_HOME" || die "cannot cd to $SPLITLLAMA_HOME"
 [ $# -gt 0 ] || die "usage: [sbatch] launch/convert.sh import-hf|import-hf-split|export-hf|inspect ARGS..."
 sl_python

@@ -12,6 +12,9 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export SPLITLLAMA_HOME=${SPLITLLAMA_HOME:-$(dirname "$HERE")}
+# shellcheck source=launch/common.sh
+. "$HERE/common.sh"
+sl_abs_paths CONFIG RUN_ROOT RUN_DIR CKPT_DIR INIT_CKPT   # the job runs in the checkout
 export RUN_ROOT=${RUN_ROOT:-$SPLITLLAMA_HOME/runs}
 export CONFIG=${CONFIG:-configs/tiny.yaml}
 SCRIPT=${SBATCH_SCRIPT:-$HERE/slurm.sbatch}

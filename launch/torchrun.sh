@@ -18,13 +18,15 @@
 #   DEVICE          cpu | gpu (default: gpu when GPUs are visible); gpu sets
 #                   CUDA_DEVICE_MAX_CONNECTIONS=1 and NCCL defaults, cpu uses gloo
 # KEY=VALUE arguments go to pretrain_splitllama.py after the ones this script adds, so they win.
-# SIGUSR1 / SIGTERM / SIGINT to this script are passed to the training processes (not to torchrun's
-# agent, which would die of SIGUSR1): they save a checkpoint and exit 0.
+# SIGUSR1 / SIGTERM / SIGINT to this script: each training process gets SIGUSR1 (once it has installed
+# its handler, just before training starts), saves a checkpoint and exits 0; so does torchrun.
+# (Not sent to torchrun's agent, which would die of SIGUSR1 and leave its workers behind.)
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SPLITLLAMA_HOME=${SPLITLLAMA_HOME:-$(dirname "$HERE")}
 # shellcheck source=launch/common.sh
 . "$HERE/common.sh"
+sl_abs_paths CONFIG RUN_ROOT RUN_DIR CKPT_DIR INIT_CKPT   # relative to where you are
 cd "$SPLITLLAMA_HOME" || die "cannot cd to $SPLITLLAMA_HOME"
 sl_python
 CONFIG=${CONFIG:-configs/tiny.yaml}
@@ -61,23 +63,30 @@ say "command: $PYTHON -m torch.distributed.run ${RDZV[*]} --nproc-per-node=$NPRO
 
 AGENT=""
 SIGNALLED=""
-forward() {  # to the workers (children of the torchrun agent)
+forward() {
   SIGNALLED=${SIGNALLED:-$1}
-  say "got SIG$1: forwarding it to the training processes (they save a checkpoint and exit 0)"
-  [ -n "$AGENT" ] || return 0
-  local p
-  for p in $(pgrep -P "$AGENT"); do kill -s "$1" "$p" 2>/dev/null || true; done
+  say "got SIG$1: asking the training processes to save a checkpoint and exit"
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-trap 'forward TERM' INT   # Ctrl-C: background jobs ignore SIGINT, so ask for a save instead
+trap 'forward INT' INT   # Ctrl-C: background jobs ignore SIGINT, so ask for a checkpoint instead
 
 "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node="$NPROC" \
   pretrain_splitllama.py "${ARGS[@]}" &
 AGENT=$!
-while true; do
-  wait "$AGENT"; RC=$?
-  kill -0 "$AGENT" 2>/dev/null || break
+declare -A SENT=()
+while kill -0 "$AGENT" 2>/dev/null; do
+  if [ -n "$SIGNALLED" ]; then
+    # SIGUSR1 to each worker (child of torchrun's agent) once it handles it: it saves and exits 0.
+    # Not to the agent (it would die of it) nor to the workers' own helper processes.
+    for p in $(pgrep -P "$AGENT"); do
+      if [ -z "${SENT[$p]:-}" ] && sl_handles_usr1 "$p"; then
+        kill -USR1 "$p" 2>/dev/null && SENT[$p]=1
+      fi
+    done
+  fi
+  sleep 0.5 & wait $!   # a trapped signal cuts this short
 done
+wait "$AGENT"; RC=$?
 say "torchrun exited with status $RC${SIGNALLED:+ (SIG$SIGNALLED received)} | run dir: $RUN_DIR"
 exit "$RC"
