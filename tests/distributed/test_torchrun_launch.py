@@ -28,7 +28,8 @@ def _iterations(text: str) -> list[int]:
 
 def test_torchrun_sh_pp2_signal_and_resume(tmp_path):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_"))}
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "SPLITLLAMA_HOME",
+                                "RUN_DIR", "CKPT_DIR", "INIT_CKPT"))}
     env.update(NPROC="2", CONFIG="configs/tiny.yaml", RUN_ROOT=str(tmp_path), RUN_NAME="pp2",
                PYTHON=sys.executable, OMP_NUM_THREADS="1")
     run_dir, cmd = tmp_path / "pp2", [str(REPO / "launch/torchrun.sh"), *ARGS]

@@ -60,10 +60,11 @@ def _need_cluster():
 
 
 def _env(tmp: Path, **extra) -> dict:
+    """The scripts find the checkout themselves (submit dir / their own location)."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SBATCH_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
-    env.update(PYTHON=sys.executable, RUN_ROOT=str(tmp), SPLITLLAMA_HOME=str(REPO),
-               CONFIG="configs/tiny.yaml", OMP_NUM_THREADS="1")
+           if not k.startswith(("SLURM_", "SBATCH_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_",
+                                "SPLITLLAMA_HOME", "RUN_DIR", "CKPT_DIR", "INIT_CKPT"))}
+    env.update(PYTHON=sys.executable, RUN_ROOT=str(tmp), CONFIG="configs/tiny.yaml", OMP_NUM_THREADS="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
