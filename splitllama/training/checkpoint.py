@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
-from splitllama.training import optim_compat
+from splitllama.training import optim_compat, optim_state
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
@@ -82,13 +82,15 @@ def save(rt, root: str) -> str:
     dist.barrier()
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}
-    if rt.trainable_params_global > 0:
-        sd["optimizer"] = _optimizer_sd(rt, model_sd, is_loading=False)
+    common = None
+    if optim_state.has_params(rt.optimizer):
+        sd["optimizer"], common = optim_state.split(_optimizer_sd(rt, model_sd, is_loading=False))
+    common = optim_state.gather_common(common)  # collective
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     save_file(_rng_tensors(), _rng_file(tmp))
     # everything describing this moment is captured now, written when the shards are done
     meta = {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(), "parallel_sizes": _sizes(),
-            "has_optimizer": "optimizer" in sd}
+            "optimizer_common": common}
     model_dict, job_yaml, keep = rt.job.model.to_dict(), rt.job.to_yaml(), rt.job.checkpoint.keep_last
 
     def complete() -> None:
@@ -138,16 +140,16 @@ def load(rt, path: str, finetune: bool) -> None:
                          f"(e.g. converted from HF); load it with checkpoint.finetune=true")
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}
-    resume_optimizer = meta.get("has_optimizer", False) and rt.trainable_params_global > 0
+    resume_optimizer = meta.get("optimizer_common") is not None and optim_state.has_params(rt.optimizer)
     if resume_optimizer:
-        sd["optimizer"] = _optimizer_sd(rt, model_sd, is_loading=True)
+        sd["optimizer"], _ = optim_state.split(_optimizer_sd(rt, model_sd, is_loading=True))
     loaded = dist_checkpointing.load(sd, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     missing, unexpected = rt.inner.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"{ckpt}: model mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if resume_optimizer:
-        rt.optimizer.load_state_dict(loaded["optimizer"])
+        rt.optimizer.load_state_dict(optim_state.restore(loaded["optimizer"], meta["optimizer_common"]))
         optim_compat.unshare_steps(rt.optimizer)
     rt.scheduler.load_state_dict(meta["scheduler"])
     rt.state = TrainState.from_dict(meta)
