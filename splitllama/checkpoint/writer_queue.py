@@ -5,8 +5,10 @@ megatron.core.dist_checkpointing's FileSystemWriterAsync collects write results 
 the trainer's stdout/stderr and outlives a trainer that is killed (SIGKILL, OOM, preemption):
 it then holds the parent's pipes open (a supervisor waiting for EOF hangs) and lingers.
 `install()` starts the Manager itself, once, with an initializer that detaches it from the
-parent's stdio and asks the kernel to kill it when the parent dies (Linux PR_SET_PDEATHSIG),
-and hands its queue to Megatron's writer.
+parent's stdio, ignores the preemption signals meant for the trainer (SIGTERM/SIGUSR1/SIGINT
+sent to a whole job step would otherwise kill it and break the very save they ask for), and
+asks the kernel to kill it when the parent dies (Linux PR_SET_PDEATHSIG), and hands its
+queue to Megatron's writer.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ _MANAGER: SyncManager | None = None
 
 
 def _detach_and_die_with_parent() -> None:
+    # Preemption signals are for the trainer (which saves, then exits); the writer's helper
+    # must survive them to serve that save. It still dies with its parent (below).
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import ctypes
 

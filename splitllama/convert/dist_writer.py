@@ -4,10 +4,10 @@ The torch_dist format is PyTorch DCP (``.metadata`` + ``__0_0.distcp``) plus Meg
 ``metadata.json`` (backend + version) and ``common.pt`` (the non-sharded state; empty here).
 `dcp.save` drives the planning and writes ``.metadata``; our `_LazyPlanner` describes every
 chunk up front (key, global shape, offsets, sizes, dtype) without any data, and our
-`_StreamingWriter` asks for each chunk's data only when writing it and drops it right after —
-torch's own FileSystemWriter keeps every tensor of a file alive until the file is done, which
-would hold the whole model. Peak memory is therefore one chunk plus whatever its producer
-needs. No process group is needed (``no_dist=True``).
+`_StreamingWriter` asks for each chunk's data only when it is next in line and drops it once
+written — torch's own FileSystemWriter keeps every tensor of a file alive until the file is
+done, which would hold the whole model. Peak memory is two chunks (the one being written, the
+next one being produced) plus what the producer needs. No process group (``no_dist=True``).
 
 A key may be stored as several chunks (Megatron does so for fc1 — gate and up halves — and for
 every TP-sharded tensor of a TP>1 save); DCP loads any chunking into any requested sharding.

@@ -20,9 +20,9 @@ import torch
 
 from splitllama.checkpoint import layout
 from splitllama.config.model import LlamaBlockConfig, ModelConfig
+from splitllama.convert.buffers import BufferPool
 from splitllama.convert.dist_writer import Piece, write_torch_dist
 from splitllama.convert.keys import hf_shapes, schema
-from splitllama.convert.buffers import BufferPool
 from splitllama.convert.mapping import FC1, QKV, Entry, source_name
 from splitllama.convert.progress import Progress
 from splitllama.convert.sources import DTYPE_NAMES, FLOAT_DTYPES, ConversionError, HFCheckpoint

@@ -121,11 +121,11 @@ def run(job: JobConfig) -> int:
         if rank0:
             print(json.dumps({"eval_loss": val}), flush=True)
         return 0
-    signals.install()
     return train(rt, flops_per_iteration(job), make_valid)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    signals.install()  # first: a preemption signal during start-up is honoured at the first step
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = parse_args(argv)
     try:
