@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from splitllama.config.model import LlamaBlockConfig, ModelConfig
+from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
 from splitllama.config.train import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainConfig
 from splitllama.data.config import DataConfig

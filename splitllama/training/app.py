@@ -6,11 +6,9 @@ import json
 import logging
 import os
 import sys
-from dataclasses import fields
 from typing import Optional
 
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from splitllama.checkpoint import layout as ck
 from splitllama.config.job import JobConfig, load_job_config, normalize_argv

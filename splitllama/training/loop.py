@@ -121,9 +121,7 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                 return 0
             if job.checkpoint.async_save:
                 checkpoint.finalize_pending()
-            t0 = time.time()
             loss, grad_norm, applied = train_step(rt)
-            dt = time.time() - t0
             st.iteration += 1
             st.consumed_train_samples += tr.global_batch_size
             if applied:

@@ -25,7 +25,7 @@ def run_case(case: dict) -> None:
     from splitllama.config.job import JobConfig
     from splitllama.config.model import ModelConfig
     from splitllama.convert.live import global_name, load_full_weights
-    from splitllama.convert.mapping import entries, hf_to_mcore, mcore_to_hf, tp_unshard
+    from splitllama.convert.mapping import entries, hf_to_mcore, tp_unshard
     from splitllama.training.loop import _schedule_kwargs
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step

@@ -1,41 +1,16 @@
 """Smoke test of the CI SLURM cluster: a 2-node sbatch job whose srun tasks do a
-gloo all_reduce. Needs .ci/slurm_up.sh to have run; skipped otherwise."""
+gloo all_reduce. Needs .ci/slurm_up.sh to have run (see conftest.py)."""
 
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 
-import os
 
 import pytest
 
 pytestmark = pytest.mark.slurm
-
-
-def _idle_nodes():
-    # With no controller, sinfo retries for ~9 s; cap it so the skip is quick.
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"],
-                             capture_output=True, text=True, timeout=4)
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return set(out.stdout.split()) if out.returncode == 0 else set()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_cluster():
-    why = None
-    if shutil.which("sbatch") is None:
-        why = "sbatch not on PATH (run .ci/slurm_up.sh)"
-    elif len(_idle_nodes()) < 2:
-        why = "sinfo shows fewer than 2 idle nodes (run .ci/slurm_up.sh)"
-    if why and os.environ.get("SPLITLLAMA_REQUIRE_SLURM") == "1":
-        pytest.fail(f"SPLITLLAMA_REQUIRE_SLURM=1 but {why}")
-    if why:
-        pytest.skip(why)
 
 
 def _free_port():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -34,29 +33,6 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 # Tiny, fast and deterministic: no eval, a line per iteration, warmup shorter than any run here.
 QUICK = ["train.eval_interval=0", "logging.log_interval=1", "optimizer.lr_warmup_iters=2"]
 ITER_RE = re.compile(r"^iter\s+(\d+)/(\d+) \|", re.M)
-
-
-# ----------------------------------------------------------------------------- cluster helpers
-def _usable_nodes() -> set[str]:
-    try:  # with no controller sinfo retries for ~9 s: cap it
-        out = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc,comp", "-o", "%N"],
-                             capture_output=True, text=True, timeout=6)
-    except (OSError, subprocess.TimeoutExpired):
-        return set()
-    return set(out.stdout.split()) if out.returncode == 0 else set()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_cluster():
-    why = None
-    if shutil.which("sbatch") is None:
-        why = "sbatch not on PATH (run .ci/slurm_up.sh)"
-    elif len(_usable_nodes()) < 2:
-        why = "sinfo shows fewer than 2 usable nodes (run .ci/slurm_up.sh)"
-    if why:
-        if os.environ.get("SPLITLLAMA_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SPLITLLAMA_REQUIRE_SLURM=1 but the SLURM cluster is unavailable: {why}")
-        pytest.skip(why)
 
 
 def _env(tmp: Path, **extra) -> dict:
