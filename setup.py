@@ -30,9 +30,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "splitllama-train=splitllama.cli.train:main",
-            "splitllama-convert=splitllama.cli.convert:main",
-            "splitllama-plan=splitllama.cli.plan:main",
+            "splitllama-train=splitllama.training.app:main",
+            "splitllama-convert=splitllama.convert.cli:main",
         ],
     },
 )

@@ -83,7 +83,7 @@ def run_case(case: dict, tokens: torch.Tensor) -> None:
     from splitllama.checkpoint import layout
     from splitllama.config.model import ModelConfig
     from splitllama.config.parallel import ParallelConfig
-    from splitllama.convert.dist_load import load_model_weights
+    from splitllama.checkpoint.model_io import load_model_weights
     from splitllama.model.build import build_model
     from splitllama.model.megatron_config import Numerics
     from splitllama.pipeline.layout import PipelineLayout
