@@ -75,8 +75,8 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
         raise ValueError(f"{section}.{name}: expected a number, got {value!r}")
     if target is str and not isinstance(value, str):
         return str(value)
-    if get_origin(target) is list and isinstance(value, str):
-        return value.split(",")
+    if get_origin(target) is list and isinstance(value, str):  # a,b or [a, b] unquoted
+        return [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
     return value
 
 

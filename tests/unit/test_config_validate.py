@@ -119,3 +119,9 @@ def test_job_overrides_and_errors(tmp_path):
     p.write_text(job.to_yaml())
     again = load_job_config(str(p))
     assert again.to_dict() == job.to_dict()
+
+
+def test_list_overrides():
+    assert load_job_config(None, ["data.data_path=[data/a_text_document]"]).data.data_path == ["data/a_text_document"]
+    assert load_job_config(None, ["data.data_path=0.3,a,0.7,b"]).data.data_path == ["0.3", "a", "0.7", "b"]
+    assert load_job_config(None, ['data.data_path=["x", "y"]']).data.data_path == ["x", "y"]
