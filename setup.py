@@ -26,7 +26,7 @@ setup(
         # GPU accelerations: detected at run time, never required.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "logging": ["wandb", "tensorboard"],
-        "test": ["pytest>=7", "tensorboard"],
+        "test": ["pytest>=7", "tensorboard", "pybind11"],
     },
     entry_points={
         "console_scripts": [
