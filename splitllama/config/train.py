@@ -71,4 +71,4 @@ class LoggingConfig:
     tensorboard_dir: Optional[str] = None
     wandb_project: Optional[str] = None
     wandb_mode: str = "offline"
-    progress: bool = True
+    progress: bool = True  # ETA (time left) on each iteration line

@@ -153,12 +153,12 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                        "mfu": (tflops / peak) if peak else None}
                 sink.write(rec)
                 if rank0:
-                    eta = (total - st.iteration) * per_iter
+                    eta = f" | ETA {(total - st.iteration) * per_iter:.0f}s" if job.logging.progress else ""
                     mfu = f"{rec['mfu'] * 100:.1f}%" if peak else "n/a (no known peak)"
                     gn = "nan" if grad_norm is None else f"{float(grad_norm):.3f}"
                     print(f"iter {st.iteration:>6}/{total} | loss {loss:.4f} | lr {rec['lr']:.3e} | "
                           f"grad_norm {gn} | skipped {st.skipped_iterations} | {rec['tokens_per_s']:.0f} tok/s | "
-                          f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu} | ETA {eta:.0f}s", flush=True)
+                          f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu}{eta}", flush=True)
                 t_window, n_window = time.time(), 0
             if tr.eval_interval and make_valid_iter and st.iteration % tr.eval_interval == 0:
                 val = evaluate(rt, make_valid_iter(), tr.eval_iters)
