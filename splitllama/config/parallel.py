@@ -15,8 +15,7 @@ class ParallelConfig:
     pipeline_layout: Optional[str] = None
     pipeline_split: str = "cost"
     use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
+    overlap_grad_reduce: bool = False  # DP grad reduce overlapped with backward (checked: same losses at DP=2)
     # Per-GPU memory budget the planner must respect (GiB); None: no memory constraint.
     memory_budget_gb: Optional[float] = None
 
