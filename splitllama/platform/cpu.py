@@ -71,7 +71,14 @@ class _CpuDeviceMode(TorchFunctionMode):
             args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
         elif func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
-        out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "apply":
+            # torch runs a mode's handler with the mode switched off, so the Python forward of
+            # an autograd.Function (e.g. activation recomputation's CheckpointFunction) would
+            # otherwise escape the redirection: keep it on inside.
+            with self:
+                out = func(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str):
             return _CUDA_TYPE_NAMES.get(out, out)
         return out
@@ -172,6 +179,17 @@ def enable() -> None:
 
     mrandom._get_cuda_rng_state = _get_rng_state
     mrandom._set_cuda_rng_state = _set_rng_state
+
+    # Causal masks are built with a literal device="cuda"; under activation recomputation that
+    # code runs inside autograd's backward, where no torch-function mode is active.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as mutils
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    mutils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
 
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()

@@ -167,3 +167,12 @@ def test_checkpoint_model_config_is_used_and_conflicts_refused(tmp_path):
                        cwd=apprun.REPO, env=apprun.env(), capture_output=True, text=True, timeout=300)
     assert q.returncode == 0, q.stderr[-3000:]
     assert "U2" in q.stdout and '{"eval_loss"' in q.stdout
+
+
+def test_activation_recomputation_gives_the_same_losses(tmp_path):
+    runs = {}
+    for mode in ("null", "full", "selective"):
+        m = tmp_path / f"{mode}.jsonl"
+        apprun.run(1, ["train.train_iters=3", f"train.recompute_granularity={mode}", f"logging.metrics_file={m}"])
+        runs[mode] = apprun.losses(m)
+    assert runs["full"] == runs["null"] and runs["selective"] == runs["null"]
