@@ -200,8 +200,3 @@ def device() -> torch.device:
     """The device tensors of this process live on (CPU under the harness)."""
     return torch.device("cpu") if _ENABLED or not torch.cuda.is_available() else \
         torch.device("cuda", torch.cuda.current_device())
-
-
-def fake_cuda_rng_state() -> torch.Tensor:
-    """The stand-in CUDA generator's state (for checkpoints)."""
-    return _FAKE_CUDA_GEN.get_state()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from splitllama.config.job import JobConfig
+from splitllama.model.build import single_stage_layout
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.pipeline.plan import plan_for_job
 
@@ -11,7 +12,7 @@ def choose_layout(job: JobConfig, dp: int) -> PipelineLayout:
     m = job.model
     pp = job.parallel.pipeline_model_parallel_size
     if pp == 1 and not job.parallel.pipeline_layout:
-        layout = PipelineLayout.parse(f"L{m.num_layers_lower},A,U{m.num_layers_upper}")
+        layout = single_stage_layout(m)
     else:
         layout = plan_for_job(job, dp=dp)
     layout.validate(m.num_layers_lower, m.num_layers_upper, pp)
