@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -137,12 +135,11 @@ def test_stale_values_refused_and_missing_values_named(tmp_path):
                        test_samples=0, seed=1, tokenizer=NullTokenizer(V), value_targets=True)
 
 
-def test_preprocess_cli_values_key(tmp_path):
+def test_preprocess_cli_values_key(tmp_path, capsys):
+    from tools.preprocess_data import main
+
     src = write_lines(tmp_path / "c.jsonl", [{"text": "1 2 3", "values": [1, None, 2]}])
-    proc = subprocess.run([sys.executable, "tools/preprocess_data.py", "--input", src, "--output-prefix",
-                           str(tmp_path / "c"), "--tokenizer-type", "null", "--vocab-size", str(V),
-                           "--values-key", "values", "--no-progress"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert proc.returncode == 0, proc.stderr
-    assert "2 value targets" in proc.stdout
+    assert main(["--input", src, "--output-prefix", str(tmp_path / "c"), "--tokenizer-type", "null",
+                 "--vocab-size", str(V), "--values-key", "values", "--no-progress"]) == 0
+    assert "2 value targets" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "c_text_document_values.idx")
