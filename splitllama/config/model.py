@@ -255,8 +255,8 @@ class ModelConfig:
         archs = d.get("architectures") or []
         heads = [h for h, a in SEED_ARCHITECTURES.items() if a in archs]
         if len(heads) != 1:
-            raise ValueError(f"{source}: architectures {archs} is not one of "
-                             f"{[[a] for a in SEED_ARCHITECTURES.values()]}")
+            raise ValueError(f"{source}: architectures {archs} is not "
+                             + " or ".join(str([a]) for a in SEED_ARCHITECTURES.values()))
         if heads[0] == "value" and int(d.get("num_labels", 1)) != 1:
             raise ValueError(f"{source}: a SplitLlama critic has num_labels 1, found {d.get('num_labels')}")
         lower = d.get("config8b") or d.get("path8b")
