@@ -38,11 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--num-layers-upper", type=int, required=True, help="M: last M upper layers")
     imp.add_argument("--mlp", action="store_true", help="two-layer adapter (Linear-ReLU-Linear)")
     imp.add_argument("--adapter-init", default="random", choices=("random", "identity"))
-    imp.add_argument("--seed", type=int, default=0, help="seed of the random adapter init")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the random adapter (and normal value-head) init")
     imp.add_argument("--dtype", default="auto", choices=dtypes, help="auto: the source dtype")
     imp.add_argument("--head", default="lm", choices=("lm", "value"),
                      help="value: a critic initialisation (trunk copied, new value head instead of lm_head)")
-    imp.add_argument("--value-head-init", default="zeros", choices=("zeros", "normal"), help=VALUE_INIT_HELP)
+    imp.add_argument("--value-head-init", default=None, choices=("zeros", "normal"),
+                     help=VALUE_INIT_HELP + "; default zeros; only with --head value")
     imp.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
     imp.add_argument("--no-progress", action="store_true")
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     cri.add_argument("--ckpt", required=True, help="LM checkpoint root (uses 'latest') or iter_ dir")
     cri.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
     cri.add_argument("--value-head-init", default="zeros", choices=("zeros", "normal"), help=VALUE_INIT_HELP)
-    cri.add_argument("--seed", type=int, default=0, help="seed of the normal value-head init")
+    cri.add_argument("--seed", type=int, default=None, help="seed of the normal value-head init (default 0)")
     cri.add_argument("--no-progress", action="store_true")
 
     spl = sub.add_parser("import-hf-split", help="seed HF split-model checkpoint -> torch_dist")

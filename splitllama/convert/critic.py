@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Optional
 
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.dist_writer import Piece
@@ -21,11 +22,15 @@ from splitllama.convert.keys import schema
 from splitllama.convert.sources import ConversionError
 
 
-def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: int = 0, progress: bool = True) -> ImportResult:
+def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: Optional[int] = None,
+                 progress: bool = True) -> ImportResult:
     from splitllama.hf.build import VALUE_HEAD_INITS, value_head_weights
 
     if init not in VALUE_HEAD_INITS:
         raise ConversionError(f"--value-head-init must be one of {', '.join(VALUE_HEAD_INITS)}, got {init!r}")
+    if seed is not None and init != "normal":
+        raise ConversionError(f"--seed draws the normal value-head init; --value-head-init {init} has no randomness")
+    seed = seed or 0
     out = _prepare_out(out)
     t0 = time.perf_counter()
     ck = DistCheckpoint(ckpt)

@@ -233,14 +233,18 @@ def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: 
 def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: int, out: str,
               mlp: bool = False, adapter_init: str = "random", seed: int = 0, dtype: str = "auto",
               progress: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
-              head: str = "lm", value_head_init: str = "zeros") -> ImportResult:
+              head: str = "lm", value_head_init: Optional[str] = None) -> ImportResult:
     """Embedding + layers 0..N-1 of `lower`, a new adapter, layers L-M..L-1 + norm + lm_head of `upper`.
     `head="value"`: a critic initialisation — the same trunk, and instead of the lm_head a new
-    value head (`splitllama.hf.build.value_head_weights(value_head_init)`, seeded by `seed`)."""
+    value head (`splitllama.hf.build.value_head_weights(value_head_init)`, default zeros, seeded
+    by `seed`)."""
     from splitllama.hf.build import VALUE_HEAD_INITS, adapter_weights, value_head_weights
 
     if head not in HEADS:
         raise ConversionError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "lm" and value_head_init is not None:
+        raise ConversionError("--value-head-init initialises a critic's value head: it needs --head value")
+    value_head_init = value_head_init or "zeros"
     if value_head_init not in VALUE_HEAD_INITS:
         raise ConversionError(f"--value-head-init must be one of {', '.join(VALUE_HEAD_INITS)}, "
                               f"got {value_head_init!r}")

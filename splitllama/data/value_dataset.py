@@ -7,7 +7,7 @@ there is none (see ``splitllama.data.preprocess``). `ValueGPTDataset` is Megatro
 
 - ``value_targets`` [s] float32: the target of each input token (0 where there is none),
 - ``loss_mask`` [s]: 1 where a token has a target, else 0 (replacing the LM loss mask; padding
-  has no target).
+  has no target; with ``data.eod_mask_loss`` EOD tokens never count).
 
 The targets are read from exactly the (document, offset, length) spans GPTDataset reads its
 tokens from: the token dataset is wrapped for the duration of each query to record them.
@@ -80,6 +80,8 @@ class ValueGPTDataset(GPTDataset):
         if self.config.add_extra_token_to_sequence:
             values = values[:-1]
         has = torch.isfinite(values)
+        if self.config.eod_mask_loss:  # honoured as for the LM: no loss at EOD tokens
+            has &= sample["tokens"] != self.config.tokenizer.eod
         sample["value_targets"] = torch.where(has, values, torch.zeros_like(values))
         sample["loss_mask"] = has.float() if idx is not None else torch.zeros_like(values)
         return sample

@@ -92,6 +92,13 @@ def test_critic_export_reimports_with_import_hf_split(ckpts, tmp_path):
 
 def test_lm_to_critic_refusals(ckpts, capsys):
     root, _ = ckpts
+    assert cli_main(["import-hf", "--lower", str(root / "lower"), "--upper", str(root / "upper"),
+                     "--num-layers-lower", str(N), "--num-layers-upper", str(M), "--value-head-init", "normal",
+                     "--out", str(root / "x"), "--no-progress"]) == 2  # an LM has no value head to initialise
+    assert "needs --head value" in capsys.readouterr().err
+    assert cli_main(["lm-to-critic", "--ckpt", str(root / "lm"), "--seed", "4", "--out", str(root / "x"),
+                     "--no-progress"]) == 2
+    assert "--value-head-init zeros has no randomness" in capsys.readouterr().err
     assert cli_main(["lm-to-critic", "--ckpt", str(root / "critic_lm"), "--out", str(root / "x"),
                      "--no-progress"]) == 2
     assert "is already a critic" in capsys.readouterr().err

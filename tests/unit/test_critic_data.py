@@ -101,6 +101,22 @@ def test_value_dataset_samples_line_up_with_tokens(tmp_path):
     assert seen_seq_target > 0 and seen_tok_target > 0
 
 
+def test_eod_mask_loss_is_honoured(tmp_path):
+    """Token-id documents whose EOD carries a target: counted unless data.eod_mask_loss."""
+    src = write_lines(tmp_path / "c.jsonl", [{"tokens": [3, 4, 5, EOD], "values": [1.0, 2.0, 3.0, 4.0]}] * 30)
+    prefix = preprocess_jsonl(src, str(tmp_path / "c"), SPEC, json_key="tokens", values_key="values",
+                              progress=False).output_prefix
+    for eod_mask, want in ((False, 1.0), (True, 0.0)):
+        cfg = DataConfig(mock=False, data_path=[prefix], split="1,0,0", seq_length=8, vocab_size=V,
+                         eod_mask_loss=eod_mask)
+        train = build_datasets(cfg, global_batch_size=4, train_samples=8, eval_samples=0, test_samples=0,
+                               seed=1, tokenizer=NullTokenizer(V), value_targets=True)[0]
+        s = train[0]
+        at_eod = s["tokens"] == EOD
+        assert bool(at_eod.any()) and bool((s["loss_mask"][at_eod] == want).all())
+        assert bool((s["loss_mask"][~at_eod] == 1).all())
+
+
 def test_bad_value_lines_name_the_line_and_leave_nothing(tmp_path):
     cases = [({"text": "1 2 3", "values": [0.1, 0.2]}, "'values' has 2 entries but the document has 3 tokens"),
              ({"text": "1 2 3"}, "no key 'values'"),
