@@ -109,12 +109,14 @@ def preprocess_jsonl(
     model_vocab_size: int | None = None,
     chunk_size: int = 64,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PreprocessStats:
     """Tokenize ``input_path`` into ``output_prefix_for(output_prefix, json_key)``.bin/.idx.
 
     Token dtype is ``DType.optimal_dtype(vocab_size)``: uint16 below 65500 ids, else int32.
     Raises FileNotFoundError/ValueError (empty input, no documents, a bad line, a tokenizer
-    larger than ``model_vocab_size``) and then leaves no output files.
+    larger than ``model_vocab_size``) and then leaves no output files. An existing output
+    (.bin or .idx) is refused unless ``overwrite``.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -134,6 +136,10 @@ def preprocess_jsonl(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     final = output_prefix_for(output_prefix, json_key)
+    existing = [p for p in (final + ".bin", final + ".idx") if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"output {existing[0]} already exists; pass --overwrite to replace it, "
+                              f"or choose another --output-prefix")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     tmp = f"{final}.tmp{os.getpid()}"
     docs = skipped = tokens = done_bytes = 0
