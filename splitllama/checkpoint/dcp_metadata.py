@@ -29,6 +29,7 @@ _ALLOWED = {
     "torch.serialization": {"_get_layout"},  # looks a torch.layout up by name
     "torch": {"Size"},
     "collections": {"OrderedDict"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath"},  # StorageMeta.checkpoint_id of a Path save
 }
 
 
