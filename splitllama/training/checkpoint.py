@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
 from splitllama.checkpoint import layout as ck
@@ -52,8 +53,9 @@ def _save_failed(root: str, tmp: str, it: int, exc: BaseException) -> BaseExcept
     if not full:
         return exc
     latest = ck.latest_name(root)
+    last = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
     return SaveFailed(f"no space left on device saving the checkpoint of iteration {it} to {root} "
-                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); removed the partial "
+                      f"({last[-1][:200]}); removed the partial "
                       f"{os.path.basename(tmp)}; "
                       + (f"latest still names {latest}" if latest else "no earlier checkpoint"))
 
@@ -150,7 +152,7 @@ def save(rt, root: str) -> str:
         _write_rng(tmp, rng)
         if os.environ.get(FAULT_ENOSPC_IN_SAVE) == str(it):  # fault injection: full disk
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(tmp, "__0_0.distcp"))
-    except Exception as e:
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
         raise _save_failed(root, tmp, it, e) from e
     dist.barrier()
     complete()
