@@ -288,7 +288,9 @@ def import_hf_split(src: str, out: str, dtype: str = "auto", progress: bool = Tr
     cfg_file = os.path.join(src, "config.json")
     try:
         cfg = ModelConfig.from_seed_dict(ck.config, source=cfg_file)
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:  # names cfg_file already
+        raise ConversionError(f"split model: {e}") from None
+    except (KeyError, TypeError) as e:
         raise ConversionError(f"split model: {cfg_file}: {e}") from None
     for which, key in (("lower", "config8b"), ("upper", "config70b")):
         if isinstance(ck.config.get(key), dict):

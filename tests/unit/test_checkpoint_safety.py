@@ -173,6 +173,32 @@ def test_converter_debris_of_a_dead_run_is_removed_a_live_one_named(converted, t
     assert not (tmp_path / f"new.tmp-{dead.pid}").exists() and ck.is_complete(str(_iter_dir(out)))
 
 
+_SLOW_CONVERT = """
+import sys, time
+from splitllama.convert import sources
+real = sources.SafetensorsFile.read
+def slow(self, *a, **k):
+    print("reading", flush=True); time.sleep(0.5); return real(self, *a, **k)
+sources.SafetensorsFile.read = slow
+from splitllama.convert.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_the_converter_removes_its_partial_output(converted, tmp_path):
+    root, out = converted.parent, tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, "import-hf", "--lower", str(root / "lower"),
+                          "--upper", str(root / "upper"), "--num-layers-lower", "2", "--num-layers-upper", "3",
+                          "--no-progress", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert p.stdout.readline().strip() == "reading"
+    assert list(tmp_path.glob("out.tmp-*"))  # mid-write
+    p.send_signal(15)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + 15 and "error: terminated by signal 15; removing the partial output" in err
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
 # ---- 1 / 3: where a run starts ------------------------------------------------------------------
 def _complete(root: Path, it: int) -> Path:
     d = root / ck.iter_dirname(it)
