@@ -114,19 +114,25 @@ def _model_tensors(ckpt_root: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _sbatch_2_nodes(tmp: Path, overrides: list[str], timeout: float) -> tuple[str, str]:
+    """`CONFIG=configs/tiny.yaml sbatch -N 2 --ntasks-per-node=1 launch/slurm.sbatch OVERRIDES`
+    run to completion (asserted): (job id, its output)."""
+    p = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--time=10",
+                        f"--output={tmp}/%x-%j.out", "launch/slurm.sbatch", *overrides, *QUICK],
+                       cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    info = _wait(job, timeout)
+    out = _read(tmp / f"splitllama-{job}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-5000:]
+    return job, out
+
+
 # ----------------------------------------------------------------------------------- tests
 def test_two_node_training_writes_a_checkpoint(tmp_path):
     """The issue's interface: CONFIG=... sbatch -N 2 --ntasks-per-node=1 launch/slurm.sbatch KEY=VALUE."""
     iters = 6
-    p = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--time=10",
-                        f"--output={tmp_path}/%x-%j.out", "launch/slurm.sbatch",
-                        f"train.train_iters={iters}", *QUICK],
-                       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.strip().split(";")[0]
-    info = _wait(job, 150)
-    out = _read(tmp_path / f"splitllama-{job}.out")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-5000:]
+    job, out = _sbatch_2_nodes(tmp_path, [f"train.train_iters={iters}"], 150)
     # the script names its per-job run dir; everything is logged there too
     run_dir = Path(re.search(r"run dir: (\S+)", out).group(1))
     assert run_dir == tmp_path / f"splitllama-{job}"
@@ -149,15 +155,7 @@ def test_users_checkpoint_save_is_where_the_job_resumes(tmp_path):
     save = tmp_path / "mine"
 
     def submit(iters: int) -> tuple[str, Path]:
-        p = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--time=10",
-                            f"--output={tmp_path}/%x-%j.out", "launch/slurm.sbatch",
-                            f"train.train_iters={iters}", f"checkpoint.save={save}", *QUICK],
-                           cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0, p.stderr
-        job = p.stdout.strip().split(";")[0]
-        info = _wait(job, 180)
-        out = _read(tmp_path / f"splitllama-{job}.out")
-        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-5000:]
+        job, out = _sbatch_2_nodes(tmp_path, [f"train.train_iters={iters}", f"checkpoint.save={save}"], 180)
         return out, tmp_path / f"splitllama-{job}"
 
     out, run_dir = submit(5)
