@@ -130,6 +130,7 @@ def test_training_load_of_a_truncated_distcp_is_one_line(ckpt, capsys, monkeypat
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(app.signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
     _truncate_distcp(_iter_dir(ckpt))
     rc = app.main(["--config", "configs/tiny.yaml", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
                    "train.eval_only=true"])

@@ -37,6 +37,7 @@ def _one_error(capsys, rc: int, pattern: str, code: int = 2) -> str:
 def _single_process(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SPLITLLAMA_TRACEBACK"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(app.signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
 
 
 def _bad_yaml(tmp_path):
