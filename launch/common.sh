@@ -49,6 +49,20 @@ sl_device_env() {
   export DEVICE
 }
 
+# A checkpoint.save=DIR among the user's overrides ("$@") becomes CKPT_DIR: the run saves there
+# AND resumes from there (checkpoint.load is set to the same directory).
+sl_ckpt_from_overrides() {
+  local prev=""
+  for a in "$@"; do
+    case "$a" in
+      checkpoint.save=*|--checkpoint.save=*) CKPT_DIR=${a#*=} ;;
+    esac
+    if [ "$prev" = --checkpoint.save ]; then CKPT_DIR=$a; fi
+    prev=$a
+  done
+  export CKPT_DIR
+}
+
 # ARGS: --config and the checkpoint / metrics arguments of a resumable run; START: what it starts from.
 #   CKPT_DIR  saved to and resumed from (checkpoint.load == checkpoint.save: resume-or-start)
 #   INIT_CKPT weights to start from while CKPT_DIR holds no checkpoint (checkpoint.finetune=true)

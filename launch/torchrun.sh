@@ -11,7 +11,8 @@
 #   RUN_ROOT        where run dirs go (default <repo>/runs)
 #   RUN_NAME        run dir name (default splitllama-<date>-<time>-<pid>)
 #   RUN_DIR         the run dir (default $RUN_ROOT/$RUN_NAME): train.log, metrics.jsonl, checkpoints/
-#   CKPT_DIR        checkpoint root, saved to AND resumed from (default $RUN_DIR/checkpoints);
+#   CKPT_DIR        checkpoint root, saved to AND resumed from (default $RUN_DIR/checkpoints; a
+#                   checkpoint.save=DIR override sets it too);
 #                   rerun with the same RUN_DIR (or CKPT_DIR) to resume
 #   INIT_CKPT       weights to start from while CKPT_DIR holds no checkpoint (checkpoint.finetune=true)
 #   MASTER_PORT     rendezvous port (default: a free one, torchrun --standalone)
@@ -43,6 +44,7 @@ RUN_ROOT=${RUN_ROOT:-$SPLITLLAMA_HOME/runs}
 RUN_NAME=${RUN_NAME:-splitllama-$(date +%Y%m%d-%H%M%S)-$$}
 RUN_DIR=${RUN_DIR:-$RUN_ROOT/$RUN_NAME}
 CKPT_DIR=${CKPT_DIR:-$RUN_DIR/checkpoints}
+sl_ckpt_from_overrides "$@"   # a user's checkpoint.save=DIR is also where the job resumes from
 mkdir -p "$RUN_DIR" || die "cannot create RUN_DIR=$RUN_DIR"
 LOG=$RUN_DIR/train.log
 sl_tee_to "$LOG"

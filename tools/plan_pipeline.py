@@ -9,7 +9,9 @@ Prints, per stage, the units, parameters, GFLOPs, predicted time share and memor
 the planned, uniform and params-balanced splits (plus an explicit ``--layout`` or the config's
 ``parallel.pipeline_layout``), the bottleneck/ideal ratio and the predicted 1F1B bubble.
 ``--json`` prints one JSON object instead. Exit status 1 when the planner finds no split that
-fits the memory budget (the message names the smallest stage memory achievable).
+fits the memory budget (the message names the smallest stage memory achievable); 2, with one
+``error:`` line, for a config the training run would refuse (e.g. --tp 3, --pp 9, --seq-length
+beyond max_position_embeddings).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without P
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
+from splitllama.errors import cli_main  # noqa: E402
 from splitllama.pipeline.cost import Hardware, units_for_job  # noqa: E402
 from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform  # noqa: E402
 from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to_dict, summary_line  # noqa: E402
@@ -61,14 +64,19 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     job = load_job_config(args.config, _overrides(args, extra))
     par, tr = job.parallel, job.train
     pp, dp = par.pipeline_model_parallel_size, args.dp
-    job.model.validate(par.tensor_model_parallel_size)
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         par.sequence_parallel = False  # planning at tp=1 from a tp>1 config
+    # the training run's own checks of what a plan depends on (one `error:` line, exit 2)
+    par.validate(par.tensor_model_parallel_size * pp * dp)
+    tr.check_values()
+    job.model.validate(par.tensor_model_parallel_size)
+    job.model.check_pipeline_size(pp)
+    job.model.check_seq_length(job.data.seq_length)
     hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
     units = units_for_job(job, dp, hw)
     m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
@@ -113,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error ({name}): {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(_main, argv)
 
 
 if __name__ == "__main__":

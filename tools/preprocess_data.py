@@ -15,6 +15,7 @@ import sys
 
 from splitllama.data.config import TOKENIZER_TYPES
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
+from splitllama.errors import cli_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,24 +36,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
     p.add_argument("--prepend-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX_<key>_document.bin/.idx")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    try:
-        stats = preprocess_jsonl(
-            args.input, args.output_prefix, spec, json_key=args.json_key, workers=args.workers,
-            append_eod=args.append_eod, prepend_bos=args.prepend_bos,
-            model_vocab_size=args.model_vocab_size, chunk_size=args.chunk_size,
-            progress=not args.no_progress, values_key=args.values_key,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"preprocess_data: error: {err}", file=sys.stderr)
-        return 1
+    stats = preprocess_jsonl(
+        args.input, args.output_prefix, spec, json_key=args.json_key, workers=args.workers,
+        append_eod=args.append_eod, prepend_bos=args.prepend_bos,
+        model_vocab_size=args.model_vocab_size, chunk_size=args.chunk_size,
+        progress=not args.no_progress, values_key=args.values_key, overwrite=args.overwrite,
+    )
     print(stats.summary())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad input: one `error: ...` line, exit 2 (splitllama.errors)."""
+    return cli_main(_main, argv)
 
 
 if __name__ == "__main__":

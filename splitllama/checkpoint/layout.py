@@ -70,6 +70,9 @@ def finalize(root: str, tmp_path: str, iteration: int) -> str:
 def resolve(path: str) -> str:
     """A loadable checkpoint directory from a root (via `latest`) or an iter_ directory.
     Raises FileNotFoundError / ValueError naming what is wrong."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"checkpoint path {path} is a file, not a checkpoint directory "
+                                 f"(give the checkpoint root or one of its iter_ directories)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if is_complete(path):
@@ -95,24 +98,56 @@ def list_complete(root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+def latest_name(root: str) -> Optional[str]:
+    """What `latest` names (None without a `latest` file)."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        return None
+    with open(tracker) as f:
+        return f.read().strip()
+
+
+def holds_checkpoints(root: str) -> bool:
+    """True when `root` holds a `latest` file or any iter_ directory (complete or not)."""
+    if not os.path.isdir(root):
+        return False
+    return any(name == TRACKER or _ITER_RE.match(name) for name in os.listdir(root))
+
+
+def iteration_of(path: str) -> Optional[int]:
+    m = _ITER_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
 def prune(root: str, keep_last: Optional[int]) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints (never the `latest` one)."""
+    """Delete all but the newest `keep_last` complete checkpoints; never the one `latest`
+    names (a run with lower iteration numbers than older checkpoints keeps its own)."""
     if not keep_last:
         return []
+    keep = {latest_name(root)}
     done = list_complete(root)
     removed = []
     for _, path in done[:-keep_last]:
+        if os.path.basename(path) in keep:
+            continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
 
 
 def read_json(path: str, name: str) -> Optional[dict]:
+    """A JSON object file of a checkpoint (None when absent); ValueError naming a corrupt one."""
     p = os.path.join(path, name)
     if not os.path.isfile(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: corrupt JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p}: corrupt: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def write_json(path: str, name: str, obj: dict) -> None:

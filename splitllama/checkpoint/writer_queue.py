@@ -17,6 +17,8 @@ import os
 import signal
 from multiprocessing.managers import SyncManager
 
+from splitllama.platform.lifecycle import set_parent_death_signal
+
 _MANAGER: SyncManager | None = None
 
 
@@ -25,12 +27,7 @@ def _detach_and_die_with_parent() -> None:
     # must survive them to serve that save. It still dies with its parent (below).
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: best effort
+    set_parent_death_signal(signal.SIGKILL)  # best effort off Linux
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

@@ -231,6 +231,44 @@ class ModelConfig:
                     raise ValueError(f"tensor_model_parallel_size {tp} does not divide "
                                      f"model.{which}.{what}={val}")
 
+    @property
+    def num_pipeline_units(self) -> int:
+        """Lower layers + adapter + upper layers: the most pipeline stages this model can fill."""
+        return self.num_layers_lower + 1 + self.num_layers_upper
+
+    def check_pipeline_size(self, pp: int) -> None:
+        if pp > self.num_pipeline_units:
+            raise ValueError(
+                f"parallel.pipeline_model_parallel_size {pp} is more than the {self.num_pipeline_units} "
+                f"pipeline units of this model ({self.num_layers_lower} lower layers + adapter + "
+                f"{self.num_layers_upper} upper layers; every stage needs one): use 1..{self.num_pipeline_units}")
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """Refuse sequences longer than a block's `max_position_embeddings`. With llama3 RoPE
+        scaling that number already is the scaled context (131072 for LLaMA-3.1), so no
+        position beyond it was ever trained: refused rather than warned about."""
+        for which, blk in (("lower", self.lower), ("upper", self.upper)):
+            if seq_length > blk.max_position_embeddings:
+                raise ValueError(
+                    f"data.seq_length {seq_length} is longer than model.{which}.max_position_embeddings "
+                    f"{blk.max_position_embeddings} (rope_type {blk.rope_type}); use a shorter "
+                    f"data.seq_length or a model with a longer context")
+
+    def differences(self, other: "ModelConfig", keys: tuple[str, ...]) -> list[str]:
+        """'model.lower.intermediate_size: config 160, checkpoint 176' for each differing field
+        of `keys` (block configs field by field); `self` is the config, `other` the checkpoint."""
+        out = []
+        for key in keys:
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if isinstance(mine, LlamaBlockConfig) and isinstance(theirs, LlamaBlockConfig):
+                for f in fields(LlamaBlockConfig):
+                    a, b = getattr(mine, f.name), getattr(theirs, f.name)
+                    if a != b:
+                        out.append(f"model.{key}.{f.name}: config {a!r}, checkpoint {b!r}")
+            elif mine != theirs:
+                out.append(f"model.{key}: config {mine!r}, checkpoint {theirs!r}")
+        return out
+
     # ---- seed (CustomSplitLLamaForCausalLM) JSON schema -------------------------------------
     def to_seed_dict(self) -> dict:
         d = {
@@ -263,6 +301,10 @@ class ModelConfig:
         upper = d.get("config70b") or d.get("path70b")
         if lower is None or upper is None:
             raise ValueError(f"{source}: needs config8b/config70b or path8b/path70b")
+        missing = [k for k in ("num_layers_8", "num_layers_70") if k not in d]
+        if missing:
+            raise ValueError(f"{source}: missing field{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} (layers taken from the 8B / 70B model)")
         return cls(lower=lower, upper=upper, num_layers_lower=int(d["num_layers_8"]),
                    num_layers_upper=int(d["num_layers_70"]), mlp=bool(d.get("mlp", False)),
                    path_lower=d.get("path8b"), path_upper=d.get("path70b"), head=heads[0])

@@ -22,9 +22,21 @@ class TrainConfig:
     max_consecutive_skipped: int = 5  # stop after this many NaN/inf steps in a row
     exit_after_iters: Optional[int] = None  # stop (with a checkpoint) after this many iterations this run
 
-    def validate(self, dp: int) -> None:
+    def check_values(self) -> None:
+        """Ranges of the fields on their own (no parallel layout needed)."""
         if self.train_iters is None and self.train_samples is None:
             raise ValueError("set train.train_iters or train.train_samples")
+        for name in ("train_iters", "train_samples", "micro_batch_size", "global_batch_size",
+                     "max_consecutive_skipped", "exit_after_iters", "recompute_num_layers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {value}")
+        for name in ("eval_interval", "eval_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+    def validate(self, dp: int) -> None:
+        self.check_values()
         if self.global_batch_size % (self.micro_batch_size * dp):
             raise ValueError(f"train.global_batch_size {self.global_batch_size} is not divisible by "
                              f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp}")
@@ -62,6 +74,15 @@ class CheckpointConfig:
     async_save: bool = False
     keep_last: Optional[int] = None
     save_on_signal: bool = True  # SIGTERM / SIGUSR1: save then exit 0
+    # A run that does not resume from `save` refuses to write into a directory that already
+    # holds checkpoints (its saves and pruning would replace them) unless this is true.
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        for name in ("save_interval", "keep_last"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"checkpoint.{name} must be >= 1, got {value}")
 
 
 @dataclass
@@ -72,3 +93,7 @@ class LoggingConfig:
     wandb_project: Optional[str] = None
     wandb_mode: str = "offline"
     progress: bool = True  # ETA (time left) on each iteration line
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise ValueError(f"logging.log_interval must be >= 1, got {self.log_interval}")

@@ -14,11 +14,12 @@ leaving no output directory. ``--adapter-init lstsq`` (fit on activations) is de
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Optional
 
 from splitllama.convert.progress import fmt_bytes
-from splitllama.convert.sources import ConversionError
+from splitllama.errors import cli_main
 
 
 VALUE_INIT_HELP = ("critic value head: zeros (weight and bias 0) or normal (weight ~ N(0, 0.02^2) "
@@ -113,14 +114,20 @@ def run(args: argparse.Namespace) -> str:
     return inspect(args.path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: Optional[list[str]]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        print(run(args))
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds: partial outputs are removed
+    print(run(args))
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    print(f"error: terminated by signal {signum}; removing the partial output", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)  # unwinds through the writers' cleanup
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return cli_main(_main, argv)
 
 
 if __name__ == "__main__":

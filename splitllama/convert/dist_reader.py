@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from typing import Iterator, Optional
 
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from splitllama.checkpoint import layout
+from splitllama.checkpoint.dcp_metadata import file_problems, raise_if_damaged, read_metadata
 from splitllama.convert.sources import ConversionError
-
-DCP_METADATA = ".metadata"
 
 
 class DistCheckpoint:
@@ -28,15 +26,18 @@ class DistCheckpoint:
             self.path = layout.resolve(path)
         except (FileNotFoundError, ValueError) as e:
             raise ConversionError(str(e)) from None
-        md_file = os.path.join(self.path, DCP_METADATA)
-        if not os.path.isfile(md_file):
-            raise ConversionError(f"{self.path}: no {DCP_METADATA}; not a torch_dist checkpoint")
-        with open(md_file, "rb") as f:
-            self.metadata: Metadata = pickle.load(f)
+        self.metadata: Metadata = read_metadata(self.path)  # restricted: never runs planted code
         self._chunks: dict[str, list] = {}
         for idx, info in self.metadata.storage_data.items():
             self._chunks.setdefault(idx.fqn, []).append((idx.offset, info))
         self.model_config: Optional[dict] = layout.read_json(self.path, layout.MODEL_CONFIG)
+
+    def problems(self) -> list[str]:
+        """Data files the metadata names that are missing or too short ([] when all are fine)."""
+        return file_problems(self.path, self.metadata)
+
+    def verify(self) -> None:
+        raise_if_damaged(self.path, self.metadata)
 
     def tensor_keys(self) -> Iterator[str]:
         for k, md in self.metadata.state_dict_metadata.items():
@@ -94,12 +95,6 @@ class DistCheckpoint:
         if covered != out.numel():
             raise ConversionError(f"{self.path}: chunks of {key} cover {covered} of {out.numel()} elements")
         return out
-
-    def read_object(self, key: str) -> object:
-        for _, info in self._chunks.get(key, []):
-            with open(os.path.join(self.path, info.relative_path), "rb") as f:
-                return torch.load(_Window(f, info.offset, info.length), weights_only=False)
-        raise ConversionError(f"{self.path}: checkpoint has no object {key}")
 
     def _storage(self, key: str, offsets: torch.Size):
         for off, info in self._chunks.get(key, []):

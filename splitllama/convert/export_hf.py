@@ -25,7 +25,7 @@ import torch
 
 from splitllama.config.model import SEED_ARCHITECTURES, ModelConfig
 from splitllama.convert.dist_reader import DistCheckpoint
-from splitllama.convert.import_hf import DTYPES
+from splitllama.convert.import_hf import DTYPES, prepare_out
 from splitllama.convert.keys import hf_shapes, schema
 from splitllama.convert.mapping import FC1, to_hf_tensors
 from splitllama.convert.progress import Progress
@@ -125,12 +125,9 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
     """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`."""
     t0 = time.perf_counter()
-    out = os.path.abspath(out)
-    if os.path.exists(out):
-        raise ConversionError(f"output {out} already exists; choose a new path")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise ConversionError(f"output parent directory {os.path.dirname(out)} does not exist")
+    out = prepare_out(out)
     ck = DistCheckpoint(ckpt)
+    ck.verify()  # every data file the metadata names is there, with its bytes
     cfg = model_config_of(ck)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")

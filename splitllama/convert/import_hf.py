@@ -9,8 +9,10 @@ opened; tensors are read one at a time (large ones in row blocks of ≤ `max_chu
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from splitllama.convert.keys import hf_shapes, schema
 from splitllama.convert.mapping import FC1, QKV, Entry, source_name
 from splitllama.convert.progress import Progress
 from splitllama.convert.sources import DTYPE_NAMES, FLOAT_DTYPES, ConversionError, HFCheckpoint
+from splitllama.platform.lifecycle import pid_alive
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_CHUNK_BYTES = 512 << 20
@@ -167,13 +170,22 @@ def _out_dtype(dtype: str, ckpt: HFCheckpoint, name: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _prepare_out(out: str) -> str:
+def prepare_out(out: str) -> str:
+    """`out` as an absolute path that does not exist yet (its parent does); the `OUT.tmp-<pid>`
+    debris of a conversion killed earlier (its pid gone) is removed, a live one refused."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ConversionError(f"output {out} already exists; choose a new path")
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise ConversionError(f"output parent directory {parent} does not exist")
+    for debris in sorted(glob.glob(glob.escape(out) + ".tmp-*")):
+        pid = debris.rsplit("-", 1)[-1]
+        if pid.isdigit() and pid_alive(int(pid)):
+            raise ConversionError(f"{debris} is being written by another conversion (pid {pid}, still "
+                                  f"running); wait for it or choose another output")
+        shutil.rmtree(debris, ignore_errors=True)
+        print(f"removed {debris}: partial output of an earlier conversion that was killed", file=sys.stderr)
     return out
 
 
@@ -184,7 +196,7 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     """Check, then write the checkpoint for `cfg` (tensors from `resolve`d sources or
     `generated`) to `out` atomically. Nothing is left behind on failure. `on_checked` runs
     once every input check has passed, before writing starts."""
-    out = _prepare_out(out)
+    out = prepare_out(out)
     t0 = time.perf_counter()
     planner = _Planner(cfg, resolve, generated, dtype, max_chunk_bytes)
     pieces = planner.pieces()
@@ -249,7 +261,7 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
         raise ConversionError(f"--value-head-init must be one of {', '.join(VALUE_HEAD_INITS)}, "
                               f"got {value_head_init!r}")
 
-    out = _prepare_out(out)
+    out = prepare_out(out)
     ck = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
     blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in ck.items()}
     cfg = ModelConfig(lower=blocks["lower"], upper=blocks["upper"], num_layers_lower=num_layers_lower,
@@ -296,12 +308,14 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
 def import_hf_split(src: str, out: str, dtype: str = "auto", progress: bool = True,
                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
     """A seed-format HF split model (CustomSplitLLamaForCausalLM) directory, adapter included."""
-    out = _prepare_out(out)
+    out = prepare_out(out)
     ck = HFCheckpoint(src, "split model")
     cfg_file = os.path.join(src, "config.json")
     try:
         cfg = ModelConfig.from_seed_dict(ck.config, source=cfg_file)
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:  # names cfg_file already
+        raise ConversionError(f"split model: {e}") from None
+    except (KeyError, TypeError) as e:
         raise ConversionError(f"split model: {cfg_file}: {e}") from None
     for which, key in (("lower", "config8b"), ("upper", "config70b")):
         if isinstance(ck.config.get(key), dict):

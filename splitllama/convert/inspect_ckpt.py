@@ -7,7 +7,8 @@ import os
 import re
 from typing import Iterable
 
-from splitllama.convert.dist_reader import DCP_METADATA, DistCheckpoint
+from splitllama.checkpoint.dcp_metadata import DCP_METADATA
+from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.progress import fmt_bytes
 from splitllama.convert.sources import DTYPE_NAMES, ConversionError, HFCheckpoint
 
@@ -48,6 +49,9 @@ def inspect_dist(path: str) -> list[str]:
                  + (f" (e.g. {objects[0]})" if objects else ""))
     lines.append("model_config.json: " + (json.dumps(ck.model_config, indent=2, sort_keys=True)
                                           if ck.model_config is not None else "(absent)"))
+    ck.verify()  # a damaged checkpoint is an error (exit 2), not a report
+    files = {info.relative_path for info in ck.metadata.storage_data.values()}
+    lines.append(f"verified: {len(files)} data files present with the sizes the metadata needs")
     return lines
 
 

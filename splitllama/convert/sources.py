@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from splitllama.errors import UsageError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -27,7 +29,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class ConversionError(Exception):
+class ConversionError(UsageError):
     """A problem with the inputs of a conversion; the message names file, tensor or field."""
 
 

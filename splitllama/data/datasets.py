@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -139,6 +140,33 @@ def _rank_zero_without_process_group() -> Iterator[None]:
         yield
 
 
+_IDX_HEADER = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+
+
+def check_index_sizes(prefix: str) -> None:
+    """Raise ValueError when ``prefix``.idx / .bin are shorter than their header says (a copy
+    that stopped early); Megatron would fail with "buffer is smaller than requested size"."""
+    idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_IDX_HEADER)
+    if len(head) < _IDX_HEADER or not head.startswith(b"MMIDIDX"):
+        raise ValueError(f"{idx}: not a Megatron index file, or truncated ({size} bytes)")
+    code = head[17]
+    seqs, docs = struct.unpack("<QQ", head[18:34])
+    need = _IDX_HEADER + 12 * seqs + 8 * docs
+    if size < need:
+        raise ValueError(f"{idx} is truncated: {size} bytes, its header ({seqs} sequences, {docs} "
+                         f"documents) needs {need}")
+    if seqs:
+        lengths = numpy.fromfile(idx, dtype=numpy.int32, count=seqs, offset=_IDX_HEADER)
+        pointers = numpy.fromfile(idx, dtype=numpy.int64, count=seqs, offset=_IDX_HEADER + 4 * seqs)
+        itemsize = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 8, 8: 2}.get(code, 1)
+        end = int(pointers[-1]) + int(lengths[-1]) * itemsize
+        if os.path.getsize(bin_) < end:
+            raise ValueError(f"{bin_} is truncated: {os.path.getsize(bin_)} bytes, {idx} needs {end}")
+
+
 def check_prefix(prefix: str, seq_length: int, split: str) -> None:
     """Raise ValueError unless ``prefix`` exists, holds one sample and every split gets documents.
 
@@ -155,6 +183,7 @@ def check_prefix(prefix: str, seq_length: int, split: str) -> None:
             f"dataset prefix {prefix!r}: {prefix}.bin/.idx not found (a prefix names the files "
             f"without extension, e.g. out/corpus_text_document)"
         )
+    check_index_sizes(prefix)
     indexed = IndexedDataset(prefix)  # keep it alive while copying: it unmaps on deletion
     lengths = numpy.array(indexed.sequence_lengths, dtype=numpy.int64)
     del indexed

@@ -171,13 +171,15 @@ def preprocess_jsonl(
     chunk_size: int = 64,
     progress: bool = True,
     values_key: str | None = None,
+    overwrite: bool = False,
 ) -> PreprocessStats:
     """Tokenize ``input_path`` into ``output_prefix_for(output_prefix, json_key)``.bin/.idx
     (and, with ``values_key``, its value targets into ``values_prefix(...)``.bin/.idx).
 
     Token dtype is ``DType.optimal_dtype(vocab_size)``: uint16 below 65500 ids, else int32.
     Raises FileNotFoundError/ValueError (empty input, no documents, a bad line, a tokenizer
-    larger than ``model_vocab_size``) and then leaves no output files.
+    larger than ``model_vocab_size``) and then leaves no output files. An existing output
+    (.bin or .idx) is refused unless ``overwrite``.
     """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -197,6 +199,10 @@ def preprocess_jsonl(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     final = output_prefix_for(output_prefix, json_key)
+    existing = [p for p in (final + ".bin", final + ".idx") if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"output {existing[0]} already exists; pass --overwrite to replace it, "
+                              f"or choose another --output-prefix")
     stale = values_prefix(final) + ".idx"
     if values_key is None and os.path.exists(stale):
         raise ValueError(f"{stale} exists: value targets of an earlier run would pair with the new "

@@ -92,7 +92,10 @@ class SentencePieceTokenizer(Tokenizer):
 
         _require_file(model_path, "sentencepiece")
         super().__init__(path=os.path.abspath(model_path), sha256=_sha256(model_path))
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as e:  # "Internal: could not parse ModelProto ..."
+            raise ValueError(f"{model_path}: not a sentencepiece model ({' '.join(str(e).split())})") from None
         self.vocab_size = int(self._sp.vocab_size())
         eos = int(self._sp.eos_id())
         if eos < 0:

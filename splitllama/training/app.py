@@ -10,15 +10,19 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from splitllama.checkpoint import dcp_metadata
 from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig, load_job_config, normalize_argv
 from splitllama.config.model import ModelConfig
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
+from splitllama.errors import cli_main
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpoint, signals
+from splitllama.platform.lifecycle import die_with_launcher
+from splitllama.training import checkpoint, preflight, resume, signals
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 
@@ -35,41 +39,27 @@ def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
     return load_job_config(args.config, rest)
 
 
-def resolve_resume(job: JobConfig) -> None:
-    """`checkpoint.load` equal to `checkpoint.save` is the resume-or-start idiom of preemptible
-    jobs: with no complete checkpoint there yet, start from scratch (said on stdout)."""
-    c = job.checkpoint
-    if c.load and c.save and os.path.abspath(c.load) == os.path.abspath(c.save):
-        try:
-            ck.resolve(c.load)
-        except (FileNotFoundError, ValueError):
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"no checkpoint in {c.load} yet: starting from scratch", flush=True)
-            c.load = None
-
-
 def adopt_checkpoint_model(job: JobConfig) -> None:
     """A checkpoint that holds a model config defines the model; an explicitly configured
-    model section that disagrees with it is an error."""
+    model section that disagrees with it is an error naming each differing field."""
     if not job.checkpoint.load:
         return
     saved = ck.read_json(ck.resolve(job.checkpoint.load), ck.MODEL_CONFIG)
     if saved is None:
         return
-    ckpt_model = ModelConfig(**{k: saved.get(k, FIELD_DEFAULTS.get(k)) for k in SHAPE_FIELDS})
+    try:
+        ckpt_model = ModelConfig(**{k: saved[k] if k in saved else FIELD_DEFAULTS[k] for k in SHAPE_FIELDS})
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{job.checkpoint.load}: corrupt {ck.MODEL_CONFIG} ({type(e).__name__}: {e})") from None
+    explicit = tuple(k for k in SHAPE_FIELDS if f"model.{k}" in job.explicit)
+    diffs = job.model.differences(ckpt_model, explicit)
+    if diffs:
+        hint = ("; make a critic from an LM checkpoint with tools/convert_checkpoint.py lm-to-critic"
+                if "head" in explicit and job.model.head != ckpt_model.head else "")
+        raise ValueError(f"the model section conflicts with the checkpoint {job.checkpoint.load}: "
+                         f"{'; '.join(diffs)}; drop the model section to use the checkpoint's model{hint}")
     for key in SHAPE_FIELDS:
-        mine, theirs = getattr(job.model, key), getattr(ckpt_model, key)
-        if f"model.{key}" in job.explicit and mine != theirs:
-            raise ValueError(f"model.{key} in the config ({_short(mine)}) conflicts with the "
-                             f"checkpoint {job.checkpoint.load} ({_short(theirs)}); drop the model "
-                             f"section to use the checkpoint's model"
-                             + ("; make a critic from an LM checkpoint with tools/convert_checkpoint.py "
-                                "lm-to-critic" if key == "head" else ""))
-        setattr(job.model, key, theirs)
-
-
-def _short(v) -> str:
-    return f"hidden {v.hidden_size}, {v.num_hidden_layers} layers" if hasattr(v, "hidden_size") else repr(v)
+        setattr(job.model, key, getattr(ckpt_model, key))
 
 
 def flops_per_iteration(job: JobConfig) -> float:
@@ -78,10 +68,11 @@ def flops_per_iteration(job: JobConfig) -> float:
     return sum(u.fwd_flops + u.bwd_flops for u in units) * job.train.global_batch_size
 
 
-def setup_data(rt: Runtime):
+def setup_data(rt: Runtime, tok=None):
     job, tr = rt.job, rt.job.train
-    tok = build_tokenizer(job.data)
-    check_vocab(tok, job.model.vocab_size)
+    if tok is None:
+        tok = build_tokenizer(job.data)
+        check_vocab(tok, job.model.vocab_size)
     iters = tr.total_iters()
     evals = (iters // tr.eval_interval + 1) * tr.eval_iters if tr.eval_interval else tr.eval_iters
     train_ds, valid_ds, _ = build_datasets(
@@ -102,10 +93,39 @@ def setup_data(rt: Runtime):
     return (lambda: make(valid_ds, 0)) if valid_ds is not None else None
 
 
+def _say(text: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text, flush=True)
+
+
 def run(job: JobConfig) -> int:
-    resolve_resume(job)
-    adopt_checkpoint_model(job)
-    rt = build_runtime(job)
+    """Everything that can be checked is checked before torch.distributed starts: the save
+    directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
+    files of the checkpoint to load."""
+    c = job.checkpoint
+    lock = None
+    if c.save and not job.train.eval_only and int(os.environ.get("RANK", "0")) == 0:
+        lock = DirLock(c.save).acquire()
+        if lock.note:
+            _say(f"note: {c.save}: {lock.note}")
+    try:
+        resume.resolve_resume(c, _say)
+        if not job.train.eval_only:
+            resume.guard_save_dir(c)
+        adopt_checkpoint_model(job)
+        layout = preflight.validate_job(job)
+        tok = build_tokenizer(job.data)
+        check_vocab(tok, job.model.vocab_size)
+        if c.load:
+            dcp_metadata.verify(ck.resolve(c.load))  # restricted read of .metadata, file sizes
+        return _run(job, layout, tok)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(job: JobConfig, layout, tok) -> int:
+    rt = build_runtime(job, layout)
     rank0 = dist.get_rank() == 0
     if rank0:
         print("resolved config:\n" + job.to_yaml(), flush=True)
@@ -114,7 +134,7 @@ def run(job: JobConfig) -> int:
               f"micro-batches/step {rt.num_microbatches}", flush=True)
     if job.checkpoint.load:
         checkpoint.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
-    make_valid = setup_data(rt)
+    make_valid = setup_data(rt, tok)
     if job.train.eval_only:
         if make_valid is None:
             raise ValueError("train.eval_only=true but the data split has no validation part")
@@ -125,7 +145,8 @@ def run(job: JobConfig) -> int:
     return train(rt, flops_per_iteration(job), make_valid)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: Optional[list[str]]) -> int:
+    die_with_launcher()  # under torchrun / the SLURM task wrapper: never outlive it
     signals.install()  # first: a preemption signal during start-up is honoured at the first step
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = parse_args(argv)
@@ -133,3 +154,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run(job)
     finally:
         shutdown()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Bad input: one `error: ...` line from rank 0, exit 2 (see splitllama.errors)."""
+    return cli_main(_main, argv)

@@ -2,6 +2,7 @@
 scheduler, per-rank RNG states, data position, iteration and the resolved config."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -13,18 +14,50 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
 from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
+from splitllama.errors import UsageError, is_disk_full
 from splitllama.training import optim_compat, optim_state
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
-# Fault injection: SIGKILL this process after writing the shards of the save at this
-# iteration, before the checkpoint is marked complete (tests the crash-during-save path).
+# Fault injection (docs/reliability.md): SIGKILL this process after writing the shards of the
+# save at this iteration, before the checkpoint is marked complete (crash-during-save path).
 FAULT_KILL_IN_SAVE = "SPLITLLAMA_FAULT_KILL_IN_SAVE"
+# Fault injection: the save at this iteration fails with ENOSPC once its shards are written
+# (a full disk, where no small filesystem can be mounted for the test).
+FAULT_ENOSPC_IN_SAVE = "SPLITLLAMA_FAULT_ENOSPC_IN_SAVE"
+_NEARLY_FULL_BYTES = 16 * 1024 * 1024
+
+
+class SaveFailed(UsageError):
+    """A save that could not be written (a full disk); the partial directory is removed."""
+
+
+def _nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
+
+
+def _save_failed(root: str, tmp: str, it: int, exc: BaseException) -> BaseException:
+    """Remove the partial `tmp` (it would keep the disk full) and say why the save failed."""
+    full = is_disk_full(exc) or _nearly_full(root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not full:
+        return exc
+    latest = ck.latest_name(root)
+    last = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    return SaveFailed(f"no space left on device saving the checkpoint of iteration {it} to {root} "
+                      f"({last[-1][:200]}); removed the partial "
+                      f"{os.path.basename(tmp)}; "
+                      + (f"latest still names {latest}" if latest else "no earlier checkpoint"))
 
 
 def _coords() -> dict:
@@ -79,6 +112,7 @@ def save(rt, root: str) -> str:
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
+        os.makedirs(tmp)  # empty: Megatron warns about (and clears) a non-empty one
     dist.barrier()
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}
@@ -86,8 +120,7 @@ def save(rt, root: str) -> str:
     if optim_state.has_params(rt.optimizer):
         sd["optimizer"], common = optim_state.split(_optimizer_sd(rt, model_sd, is_loading=False))
     common = optim_state.gather_common(common)  # collective
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    save_file(_rng_tensors(), _rng_file(tmp))
+    rng = _rng_tensors()
     # everything describing this moment is captured now, written when the shards are done
     meta = {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(), "parallel_sizes": _sizes(),
             "optimizer_common": common}
@@ -105,19 +138,31 @@ def save(rt, root: str) -> str:
             ck.prune(root, keep)
 
     final = os.path.join(root, ck.iter_dirname(it))
-    if rt.job.checkpoint.async_save:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+    try:
+        if rt.job.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
-        request.add_finalize_fn(complete)
-        _ASYNC = _ASYNC or AsyncCallsQueue()
-        _ASYNC.schedule_async_request(request)
-        return final
-    dist_checkpointing.save(sd, tmp)
+            request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+            _write_rng(tmp, rng)
+            request.add_finalize_fn(complete)
+            _ASYNC = _ASYNC or AsyncCallsQueue()
+            _ASYNC.schedule_async_request(request)
+            return final
+        dist_checkpointing.save(sd, tmp)
+        _write_rng(tmp, rng)
+        if os.environ.get(FAULT_ENOSPC_IN_SAVE) == str(it):  # fault injection: full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(tmp, "__0_0.distcp"))
+    except (Exception, CheckpointException) as e:  # torch's CheckpointException is a BaseException
+        raise _save_failed(root, tmp, it, e) from e
     dist.barrier()
     complete()
     dist.barrier()
     return final
+
+
+def _write_rng(tmp: str, rng: dict) -> None:
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    save_file(rng, _rng_file(tmp))
 
 
 def finalize_pending(blocking: bool = False) -> None:

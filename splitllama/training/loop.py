@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import sys
 import time
 from typing import Optional
 
@@ -101,8 +103,28 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
+def _on_signal(rt, rank0: bool) -> int:
+    """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
+    to save to, say so and exit 128 + signal (the run did not finish)."""
+    ck, it = rt.job.checkpoint, rt.state.iteration
+    sig = signals.received() or signal.SIGTERM
+    name = signal.Signals(sig).name
+    if ck.save_on_signal and ck.save:
+        path = checkpoint.save(rt, ck.save)
+        checkpoint.finalize_pending(blocking=True)
+        if rank0:
+            print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
+        return 0
+    why = "checkpoint.save is not set" if not ck.save else "checkpoint.save_on_signal=false"
+    if rank0:
+        print(f"[signal] {name} at iteration {it} of {rt.job.train.total_iters()}: stopping; NO checkpoint "
+              f"saved ({why}); exit {128 + sig}", file=sys.stderr, flush=True)
+    return 128 + sig
+
+
 def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
-    """Run until train_iters; returns the process exit code (0, also after a signal save)."""
+    """Run until train_iters; returns the process exit code (0 when finished or after a signal
+    save; 128 + signal when a signal stopped it with no checkpoint)."""
     job, tr, st = rt.job, rt.job.train, rt.state
     sink = MetricsSink(job.logging, job.to_dict())
     total = tr.total_iters()
@@ -114,13 +136,8 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
     rank0 = dist.get_rank() == 0
     try:
         while st.iteration < total:
-            if job.checkpoint.save_on_signal and _any_rank(signals.received() is not None):
-                if job.checkpoint.save:
-                    path = checkpoint.save(rt, job.checkpoint.save)
-                    checkpoint.finalize_pending(blocking=True)
-                    if rank0:
-                        print(f"[signal] checkpoint saved at iteration {st.iteration} -> {path}; exiting 0", flush=True)
-                return 0
+            if _any_rank(signals.received() is not None):
+                return _on_signal(rt, rank0)
             if job.checkpoint.async_save:
                 checkpoint.finalize_pending()
             loss, grad_norm, applied = train_step(rt)

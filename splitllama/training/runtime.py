@@ -24,7 +24,7 @@ from splitllama.platform import cpu
 from splitllama.platform.dist import init_distributed
 from splitllama.training import optim_compat
 from splitllama.training.freeze import apply_freeze
-from splitllama.training.layout_select import choose_layout
+from splitllama.training.preflight import validate_job
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
@@ -59,16 +59,15 @@ class Runtime:
         return self.inner.pre_process
 
 
-def build_runtime(job: JobConfig) -> Runtime:
+def build_runtime(job: JobConfig, layout: Optional[PipelineLayout] = None) -> Runtime:
+    """`layout`: the one `preflight.validate_job` chose before the process group started
+    (validated here when not given)."""
     par, tr = job.parallel, job.train
     on_cpu = init_distributed(par, seed=tr.seed)
     world = dist.get_world_size()
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
-    tr.validate(dp)
-    if job.data.tokenizer_type == "null" and job.data.vocab_size is None:
-        job.data.vocab_size = job.model.vocab_size  # synthetic ids span the model's vocab
-    job.data.validate()
-    layout = choose_layout(job, dp)
+    if layout is None:
+        layout = validate_job(job, world)
     bf16 = tr.bf16 if tr.bf16 is not None else not on_cpu
     numerics = Numerics(params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
                         use_cpu_initialization=on_cpu,

@@ -7,7 +7,8 @@ config on CPU/gloo:
   resumes, and the iterations of both runs are 1..N with no gap and no repeat;
 - launch/adapter_warmup.sh: phase 2 (a dependent job) starts from phase 1's checkpoint, and phase 1
   changed the adapter only (checkpoint tensors compared bit for bit with its starting weights);
-- launch/convert.sh: the converter as a batch job (success, and a failure's exit status).
+- launch/convert.sh: the converter as a batch job (success, and a failure's exit status);
+- a user's `checkpoint.save=DIR` override is where the job saves and resumes (issue 9.12).
 
 Without a cluster these tests skip, unless SPLITLLAMA_REQUIRE_SLURM=1 (CI), where they fail.
 """
@@ -113,19 +114,25 @@ def _model_tensors(ckpt_root: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _sbatch_2_nodes(tmp: Path, overrides: list[str], timeout: float) -> tuple[str, str]:
+    """`CONFIG=configs/tiny.yaml sbatch -N 2 --ntasks-per-node=1 launch/slurm.sbatch OVERRIDES`
+    run to completion (asserted): (job id, its output)."""
+    p = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--time=10",
+                        f"--output={tmp}/%x-%j.out", "launch/slurm.sbatch", *overrides, *QUICK],
+                       cwd=REPO, env=_env(tmp), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+    info = _wait(job, timeout)
+    out = _read(tmp / f"splitllama-{job}.out")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-5000:]
+    return job, out
+
+
 # ----------------------------------------------------------------------------------- tests
 def test_two_node_training_writes_a_checkpoint(tmp_path):
     """The issue's interface: CONFIG=... sbatch -N 2 --ntasks-per-node=1 launch/slurm.sbatch KEY=VALUE."""
     iters = 6
-    p = subprocess.run(["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=1", "--time=10",
-                        f"--output={tmp_path}/%x-%j.out", "launch/slurm.sbatch",
-                        f"train.train_iters={iters}", *QUICK],
-                       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    job = p.stdout.strip().split(";")[0]
-    info = _wait(job, 150)
-    out = _read(tmp_path / f"splitllama-{job}.out")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", out[-5000:]
+    job, out = _sbatch_2_nodes(tmp_path, [f"train.train_iters={iters}"], 150)
     # the script names its per-job run dir; everything is logged there too
     run_dir = Path(re.search(r"run dir: (\S+)", out).group(1))
     assert run_dir == tmp_path / f"splitllama-{job}"
@@ -139,6 +146,25 @@ def test_two_node_training_writes_a_checkpoint(tmp_path):
     assert (ckpt / "latest").read_text().strip() == f"iter_{iters:07d}"
     assert (ckpt / f"iter_{iters:07d}" / "COMPLETE").is_file()
     assert _metrics_iterations(run_dir / "metrics.jsonl") == list(range(1, iters + 1))
+
+
+def test_users_checkpoint_save_is_where_the_job_resumes(tmp_path):
+    """Issue 9.12: `sbatch ... launch/slurm.sbatch train.train_iters=5 checkpoint.save=DIR` used
+    to fail at start (checkpoint.load pointed at the script's own, absent, run directory). Now
+    DIR is saved to and resumed from: a second job continues at iteration 6."""
+    save = tmp_path / "mine"
+
+    def submit(iters: int) -> tuple[str, Path]:
+        job, out = _sbatch_2_nodes(tmp_path, [f"train.train_iters={iters}", f"checkpoint.save={save}"], 180)
+        return out, tmp_path / f"splitllama-{job}"
+
+    out, run_dir = submit(5)
+    assert f"checkpoints: {save}" in out and (save / "latest").read_text().strip() == "iter_0000005"
+    assert not (run_dir / "checkpoints").exists()
+    out, run_dir = submit(8)
+    assert f"start: resume from {save}/iter_0000005" in out, out[-5000:]
+    assert _metrics_iterations(run_dir / "metrics.jsonl") == [6, 7, 8]
+    assert (save / "latest").read_text().strip() == "iter_0000008"
 
 
 def test_preemption_checkpoints_requeues_and_resumes_without_gap(tmp_path):

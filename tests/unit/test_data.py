@@ -151,7 +151,7 @@ def test_preprocess_cli_int32(tmp_path, capsys):
     assert "2 documents, 5 tokens (int32)" in capsys.readouterr().out
     docs, dtype = read_docs(str(tmp_path / "c_text_document"))
     assert dtype == np.int32 and docs == [[70000, 1, 128255], [5, 128255]]
-    assert main(argv + ["--model-vocab-size", "1000"]) == 1
+    assert main(argv + ["--model-vocab-size", "1000"]) == 2
     assert "128256 exceeds the model's vocab size 1000" in capsys.readouterr().err
 
 
