@@ -17,7 +17,7 @@ from typing import Optional
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.dist_writer import Piece
 from splitllama.convert.export_hf import model_config_of
-from splitllama.convert.import_hf import ImportResult, _prepare_out, write_checkpoint
+from splitllama.convert.import_hf import ImportResult, prepare_out, write_checkpoint
 from splitllama.convert.keys import schema
 from splitllama.convert.sources import ConversionError
 
@@ -31,7 +31,7 @@ def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: Optional[int] =
     if seed is not None and init != "normal":
         raise ConversionError(f"--seed draws the normal value-head init; --value-head-init {init} has no randomness")
     seed = seed or 0
-    out = _prepare_out(out)
+    out = prepare_out(out)
     t0 = time.perf_counter()
     ck = DistCheckpoint(ckpt)
     cfg = model_config_of(ck)

@@ -114,7 +114,7 @@ def test_critic_config_refuses_an_lm_checkpoint(ckpts):
 
     root, _ = ckpts
     job = load_job_config(None, ["model.head=value", f"checkpoint.load={root / 'lm'}"])
-    with pytest.raises(ValueError, match="model.head in the config .* conflicts .*lm-to-critic"):
+    with pytest.raises(ValueError, match="model.head: config 'value', checkpoint 'lm'.*lm-to-critic"):
         adopt_checkpoint_model(job)
     job = load_job_config(None, [f"checkpoint.load={root / 'critic_lm'}"])  # adopted from the checkpoint
     adopt_checkpoint_model(job)

@@ -136,7 +136,7 @@ def test_stale_values_refused_and_missing_values_named(tmp_path):
     src = write_lines(tmp_path / "c.jsonl", [{"text": " ".join(["1"] * 30), "values": 1.0}] * 4)
     prefix = preprocess_jsonl(src, str(tmp_path / "c"), SPEC, values_key="values", progress=False).output_prefix
     with pytest.raises(ValueError, match="_values.idx exists"):  # an LM re-run would pair old targets
-        preprocess_jsonl(src, str(tmp_path / "c"), SPEC, progress=False)
+        preprocess_jsonl(src, str(tmp_path / "c"), SPEC, progress=False, overwrite=True)
     lm_only = preprocess_jsonl(src, str(tmp_path / "lm"), SPEC, progress=False).output_prefix
     with pytest.raises(ValueError, match=f"{lm_only}_values.bin/.idx not found.*--values-key"):
         _build([lm_only])
