@@ -1,24 +1,23 @@
 """The training application: config -> runtime -> (load) -> train or evaluate."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from typing import Optional
 
 import torch.distributed as dist
 
 from splitllama.checkpoint import layout as ck
-from splitllama.config.job import JobConfig, load_job_config, normalize_argv
+from splitllama.config.cli import parse_train_args
+from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpoint, signals
+from splitllama.training import checkpoint, logs, report, signals
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 
@@ -27,11 +26,7 @@ SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
-    p = argparse.ArgumentParser(description="Train a SplitLlama model on Megatron-Core. "
-                                "Overrides: section.key=value or --section.key value")
-    p.add_argument("--config", default=None, help="YAML file of overrides (e.g. configs/tiny.yaml)")
-    args, rest = p.parse_known_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
-    return load_job_config(args.config, rest)
+    return parse_train_args(argv)
 
 
 def resolve_resume(job: JobConfig) -> None:
@@ -104,11 +99,9 @@ def run(job: JobConfig) -> int:
     adopt_checkpoint_model(job)
     rt = build_runtime(job)
     rank0 = dist.get_rank() == 0
+    stages = report.stage_params(rt)  # collective
     if rank0:
-        print("resolved config:\n" + job.to_yaml(), flush=True)
-        print(f"pipeline layout: {rt.layout} | tp={job.parallel.tensor_model_parallel_size} "
-              f"pp={job.parallel.pipeline_model_parallel_size} dp={rt.dp_size} | "
-              f"micro-batches/step {rt.num_microbatches}", flush=True)
+        print(report.startup(rt, stages), flush=True)
     if job.checkpoint.load:
         checkpoint.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
     make_valid = setup_data(rt)
@@ -122,10 +115,13 @@ def run(job: JobConfig) -> int:
     return train(rt, flops_per_iteration(job), make_valid)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, job: Optional[JobConfig] = None) -> int:
+    """Run a job from a command line, or an already parsed `job` (splitllama.training.entry
+    parses it before Megatron is imported: prefer that entry point)."""
     signals.install()  # first: a preemption signal during start-up is honoured at the first step
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    job = parse_args(argv)
+    if job is None:
+        job = parse_args(argv)
+        logs.setup(job.logging.verbose)
     try:
         return run(job)
     finally:

@@ -1,0 +1,20 @@
+"""Entry point of ``pretrain_splitllama.py`` / ``splitllama-train``.
+
+Parses the command line and sets up logging before Megatron-Core is imported: ``--help`` is
+answered without it, and its import-time warnings are filtered at the default verbosity.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from splitllama.config.cli import parse_train_args
+from splitllama.training import logs, signals
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    signals.install()  # first: a preemption signal during start-up is honoured at the first step
+    job = parse_train_args(argv)
+    logs.setup(job.logging.verbose)
+    from splitllama.training import app  # Megatron-Core is imported here
+
+    return app.main(job=job)
