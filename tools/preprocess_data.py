@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splitllama import logs
 from splitllama.data.config import TOKENIZER_TYPES
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-key", default="text", help="key holding the document text")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    p.add_argument("--tokenizer-model", default=None, help=".model file or HF directory")
+    p.add_argument("--tokenizer-model", default=None,
+                   help=".model file (sentencepiece, tiktoken), or HF directory or tokenizer.json file")
     p.add_argument("--vocab-size", type=int, default=None, help="null tokenizer vocab size")
     p.add_argument("--model-vocab-size", type=int, default=None,
                    help="fail if the tokenizer's vocab is larger than this")
@@ -32,11 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--append-eod", action="store_true", help="end every document with EOD")
     p.add_argument("--prepend-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library diagnostics too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logs.setup(args.verbose)
     spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     try:
         stats = preprocess_jsonl(

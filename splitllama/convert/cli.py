@@ -15,13 +15,14 @@ import argparse
 import sys
 from typing import Optional
 
+from splitllama import logs
 from splitllama.convert.progress import fmt_bytes
-from splitllama.convert.sources import ConversionError
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="show library diagnostics too")
     sub = p.add_subparsers(dest="cmd", required=True)
     dtypes = ("auto", "bf16", "fp32", "fp16")
 
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    logs.setup(args.verbose)
+    from splitllama.convert.sources import ConversionError  # torch: after --help is answered
+
     try:
         print(run(args))
     except ConversionError as e:

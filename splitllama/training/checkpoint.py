@@ -79,6 +79,7 @@ def save(rt, root: str) -> str:
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
+        os.makedirs(tmp)
     dist.barrier()
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}
@@ -86,8 +87,7 @@ def save(rt, root: str) -> str:
     if optim_state.has_params(rt.optimizer):
         sd["optimizer"], common = optim_state.split(_optimizer_sd(rt, model_sd, is_loading=False))
     common = optim_state.gather_common(common)  # collective
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    save_file(_rng_tensors(), _rng_file(tmp))
+    rng = _rng_tensors()  # written after dist_checkpointing.save, which warns on a non-empty dir
     # everything describing this moment is captured now, written when the shards are done
     meta = {**rt.state.to_dict(), "scheduler": rt.scheduler.state_dict(), "parallel_sizes": _sizes(),
             "optimizer_common": common}
@@ -109,15 +109,22 @@ def save(rt, root: str) -> str:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
+        _save_rng(rng, tmp)
         request.add_finalize_fn(complete)
         _ASYNC = _ASYNC or AsyncCallsQueue()
         _ASYNC.schedule_async_request(request)
         return final
     dist_checkpointing.save(sd, tmp)
+    _save_rng(rng, tmp)
     dist.barrier()
     complete()
     dist.barrier()
     return final
+
+
+def _save_rng(tensors: dict, tmp: str) -> None:
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    save_file(tensors, _rng_file(tmp))
 
 
 def finalize_pending(blocking: bool = False) -> None:

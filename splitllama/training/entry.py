@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Optional
 
 from splitllama.config.cli import parse_train_args
-from splitllama.training import logs, signals
+from splitllama import logs
+from splitllama.training import signals
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -108,8 +108,9 @@ def startup(rt, stages: list[tuple[int, int]]) -> str:
                  f"pp={par.pipeline_model_parallel_size} dp={rt.dp_size} | micro-batches/step "
                  f"{rt.num_microbatches} | {dist.get_world_size()} process(es) on {device}")
     total, trainable = sum(t for t, _ in stages), sum(tr for _, tr in stages)
+    share = 100.0 * trainable / max(total, 1)
     lines.append(f"parameters: {_fmt(total)} total, {_fmt(trainable)} trainable "
-                 f"({100.0 * trainable / max(total, 1):.1f}%, model.freeze={job.model.freeze})")
+                 f"({share:.{1 if share >= 1 or share == 0 else 3}f}%, model.freeze={job.model.freeze})")
     for i, ((t, tr), stage) in enumerate(zip(stages, rt.layout.stages)):
         lines.append(f"  stage {i} [{stage}]: {_fmt(t)} total, {_fmt(tr)} trainable")
     lines.extend(_where(job))

@@ -1,10 +1,10 @@
-"""What a training run prints: logging set-up and the library noise hidden at default verbosity.
+"""What a run or tool prints: logging set-up and the library noise hidden at default verbosity.
 
 `setup(verbose)` runs before Megatron-Core is imported (its import-time warnings are filtered
 then). At the default verbosity each known noisy source is silenced on its own, by logger
 name or by the exact warning text, never by a blanket filter: warnings and errors that are
 not on this list, and every WARNING or ERROR record of Megatron's loggers, still show.
-``logging.verbose=true`` (``-v``) shows everything. Imports nothing heavy.
+``logging.verbose=true`` / ``-v`` (training) or ``--verbose`` (tools) shows everything. Imports nothing heavy.
 
 Known noise (megatron-core 0.16, torch 2.13):
   * TE / Apex fallback UserWarnings emitted when megatron.core modules are imported;
@@ -15,8 +15,8 @@ Known noise (megatron-core 0.16, torch 2.13):
   * "The .grad attribute of a Tensor that is not a leaf Tensor": megatron-core 0.16's
     DistributedOptimizer.zero_grad reads ``.grad`` of its fp32 parameter shards, which are
     views (Megatron's own comment there: "throws grad-access warning"); fp32 runs only;
-  * torch's FutureWarnings that ``reduce_scatter_tensor`` / ``all_gather_into_tensor``,
-    which Megatron calls, are deprecated.
+  * torch's FutureWarnings that ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` and
+    torch.distributed.checkpoint's ``load_state_dict``, which Megatron calls, are deprecated.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"Apex is not installed"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions"),
 )
 QUIET_LOGGERS = ("megatron.core",)  # INFO and below hidden; WARNING and above shown
 _MOCK_INDEX_WARNING = re.compile(r"Unable to save \w*Mock\w* indexes because path_to_cache is None")
