@@ -36,8 +36,8 @@ class JobConfig:
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
-    # dotted keys set by the YAML file or the command line (not a config field)
     explicit: set = field(default_factory=set, repr=False, compare=False)
+    """Dotted keys set by the YAML file or the command line (bookkeeping, not a config section)."""
 
     def to_dict(self) -> dict:
         d = {}

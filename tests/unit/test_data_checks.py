@@ -1,0 +1,81 @@
+"""Data the model cannot embed is refused with both numbers; a HF tokenizer is accepted as a
+directory or as its tokenizer.json file (issue 10, items 7 and 9)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from splitllama.data.config import DataConfig
+from splitllama.data.datasets import build_datasets, check_token_ids
+from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
+from splitllama.data.tokenizers import NullTokenizer, build_tokenizer
+from splitllama.training.step import check_batch_ids
+
+WORDS = "alpha beta gamma delta llama split stage pipeline token model data layer the a of".split()
+
+
+@pytest.fixture(scope="module")
+def wide_ids(tmp_path_factory):
+    """A prefix tokenized with a 1000-id vocabulary; its largest id is 977."""
+    d = tmp_path_factory.mktemp("wide")
+    src = d / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(str((i * 37 + j) % 978) for j in range(40))}) + "\n"
+                           for i in range(30)))
+    return preprocess_jsonl(str(src), str(d / "c"), TokenizerSpec("null", vocab_size=1000),
+                            progress=False).output_prefix
+
+
+def test_ids_beyond_the_vocabulary_are_refused_at_start(wide_ids):
+    check_token_ids(wide_ids, 1000)
+    with pytest.raises(ValueError, match=r"holds token id 5\d\d .* has vocab_size 512.*vocab_size is > 977"):
+        check_token_ids(wide_ids, 512, "data.tokenizer_type='null'")
+    cfg = DataConfig(mock=False, data_path=[wide_ids], split="98,2,0", seq_length=16, vocab_size=512)
+    with pytest.raises(ValueError, match=r"vocab_size 512"):
+        build_datasets(cfg, global_batch_size=2, train_samples=4, eval_samples=2, test_samples=0,
+                       seed=1, tokenizer=NullTokenizer(512))
+
+
+def test_the_scan_is_bounded(wide_ids):
+    check_token_ids(wide_ids, 512, max_tokens=10)  # the first 10 ids are all < 512: passes
+
+
+def test_each_batch_is_checked():
+    ok = {"tokens": torch.tensor([[1, 2, 511]]), "labels": torch.tensor([[2, 511, 3]])}
+    check_batch_ids(ok, 512)
+    with pytest.raises(ValueError, match=r"token id 128000 in 'labels', outside the model's vocabulary \[0, 512\)"):
+        check_batch_ids({**ok, "labels": torch.tensor([[2, 128000, 3]])}, 512)
+
+
+def _hf_tokenizer_dir(path, with_config: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([" ".join(WORDS)] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if with_config:
+        PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>",
+                                eos_token="<|end_of_text|>").save_pretrained(str(path))
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        raw.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.mark.parametrize("with_config", [True, False], ids=["with_tokenizer_config", "bare_json"])
+def test_huggingface_tokenizer_json_file_or_directory(tmp_path, with_config):
+    d = _hf_tokenizer_dir(tmp_path / "tok", with_config)
+    from_file = build_tokenizer(DataConfig(tokenizer_type="huggingface", tokenizer_model=str(d / "tokenizer.json")))
+    assert from_file.eod == 1  # <|end_of_text|>: from tokenizer_config.json, or found in the vocabulary
+    text = "llama pipeline, data!"
+    if with_config:
+        from_dir = build_tokenizer(DataConfig(tokenizer_type="huggingface", tokenizer_model=str(d)))
+        assert from_dir.tokenize(text) == from_file.tokenize(text)
+    assert from_file.detokenize(from_file.tokenize(text)) == text
+    with pytest.raises(FileNotFoundError, match="expected a directory or a tokenizer.json file"):
+        build_tokenizer(DataConfig(tokenizer_type="huggingface", tokenizer_model=str(d / "missing.json")))
