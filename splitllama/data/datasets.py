@@ -154,16 +154,27 @@ def check_prefix(prefix: str, seq_length: int, split: str) -> None:
             f"(seq_length + 1 = {seq_length + 1})"
         )
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds in zip(SPLIT_NAMES, matrix):
+    for i, (name, bounds) in enumerate(zip(SPLIT_NAMES, matrix)):
         if bounds is None:
             continue
         beg, end = int(round(bounds[0] * n_docs)), int(round(bounds[1] * n_docs))
         if int(lengths[beg:end].sum()) == 0:
             raise ValueError(
                 f"dataset prefix {prefix!r}: split {split!r} gives the {name} split documents "
-                f"[{beg}, {end}) of {n_docs}, which hold no tokens; use more documents or a "
-                f"split giving {name} weight 0 (e.g. '98,2,0')"
+                f"[{beg}, {end}) of {n_docs}, which hold no tokens; use more documents or "
+                f"{_split_fix(split, i, n_docs)}"
             )
+
+
+def _split_fix(split: str, empty: int, n_docs: int) -> str:
+    """A data.split that gives split number ``empty`` weight 0, or (valid/test) one document."""
+    weights = [p.strip() for p in split.split(",")] + ["0"] * (3 - len(split.split(",")))
+    zero = ",".join("0" if j == empty else w for j, w in enumerate(weights))
+    if empty == 0 or n_docs < 2:
+        return f"a split giving the {SPLIT_NAMES[empty]} split weight 0 (data.split={zero})"
+    one = ",".join(str(n_docs - 1) if j == 0 else "1" if j == empty else "0" for j in range(3))
+    return (f"data.split={zero} (no {SPLIT_NAMES[empty]} split) or data.split={one} (one "
+            f"{SPLIT_NAMES[empty]} document)")
 
 
 SCAN_TOKENS = 1 << 26

@@ -79,3 +79,20 @@ def test_huggingface_tokenizer_json_file_or_directory(tmp_path, with_config):
     assert from_file.detokenize(from_file.tokenize(text)) == text
     with pytest.raises(FileNotFoundError, match="expected a directory or a tokenizer.json file"):
         build_tokenizer(DataConfig(tokenizer_type="huggingface", tokenizer_model=str(d / "missing.json")))
+
+
+def test_tiny_corpus_split_error_suggests_a_split_that_works(tmp_path):
+    """20 documents, data.split=98,2,0: the valid split gets none; the message offers fixes
+    that pass (not the split the user already gave)."""
+    from splitllama.data.datasets import check_prefix
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": " ".join(["7"] * 20)}) + "\n" for _ in range(20)))
+    prefix = preprocess_jsonl(str(src), str(tmp_path / "c"), TokenizerSpec("null", vocab_size=100),
+                              progress=False).output_prefix
+    with pytest.raises(ValueError) as err:
+        check_prefix(prefix, 16, "98,2,0")
+    msg = str(err.value)
+    assert "data.split=98,0,0" in msg and "data.split=19,1,0" in msg and "'98,2,0')" not in msg
+    check_prefix(prefix, 16, "98,0,0")
+    check_prefix(prefix, 16, "19,1,0")
