@@ -54,10 +54,16 @@ def setup(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SplitLlama's own INFO lines ("resumed from ...") once, from rank 0; warnings from every rank
     logging.getLogger("splitllama").setLevel(logging.INFO if global_rank() == 0 else logging.WARNING)
+    datasets_log = logging.getLogger("megatron.core.datasets.gpt_dataset")
+    for f in [f for f in datasets_log.filters if isinstance(f, _DropMockIndexWarning)]:
+        datasets_log.removeFilter(f)
+    quiet = {(category, message) for category, message in NOISY_WARNINGS}
+    warnings.filters[:] = [f for f in warnings.filters  # undo an earlier setup (idempotent)
+                           if not (f[0] == "ignore" and f[1] is not None and (f[2], f[1].pattern) in quiet)]
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     if verbose:
         return
     for category, message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("megatron.core.datasets.gpt_dataset").addFilter(_DropMockIndexWarning())
+    datasets_log.addFilter(_DropMockIndexWarning())

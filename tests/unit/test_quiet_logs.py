@@ -52,6 +52,7 @@ def test_default_verbosity_hides_only_the_known_noise(caplog, restore_logging):
 
 
 def test_verbose_shows_everything(caplog, restore_logging):
+    logs.setup(False)  # a later setup(verbose=True) undoes it
     shown, records = _emitted(caplog, verbose=True)
     assert len(shown) == 5
     assert records[0] == "Params for bucket 1 ..." and len(records) == 4
