@@ -2,7 +2,8 @@
 
     python tools/convert_checkpoint.py import-hf --lower DIR --upper DIR \\
         --num-layers-lower N --num-layers-upper M [--mlp] [--adapter-init random|identity] \\
-        [--dtype bf16|fp32] --out CKPT
+        [--dtype bf16|fp32] [--head lm|value] [--value-head-init zeros|normal] --out CKPT
+    python tools/convert_checkpoint.py lm-to-critic --ckpt LM_CKPT --out CRITIC_CKPT
     python tools/convert_checkpoint.py import-hf-split DIR --out CKPT
     python tools/convert_checkpoint.py export-hf --ckpt CKPT --out DIR [--dtype bf16|fp32]
     python tools/convert_checkpoint.py inspect CKPT|DIR

@@ -21,7 +21,10 @@ from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="JSONL file, one document per line")
-    p.add_argument("--json-key", default="text", help="key holding the document text")
+    p.add_argument("--json-key", default="text", help="key holding the document text (or a list of token ids)")
+    p.add_argument("--values-key", default=None,
+                   help="critic data: key holding value targets (a number: target of the last token; "
+                        "a list: one number or null per token); also writes PREFIX_<key>_document_values.bin/.idx")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     p.add_argument("--tokenizer-model", default=None,
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input, args.output_prefix, spec, json_key=args.json_key, workers=args.workers,
             append_eod=args.append_eod, prepend_bos=args.prepend_bos,
             model_vocab_size=args.model_vocab_size, chunk_size=args.chunk_size,
-            progress=not args.no_progress,
+            progress=not args.no_progress, values_key=args.values_key,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"preprocess_data: error: {err}", file=sys.stderr)

@@ -13,6 +13,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Optional
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+HEADS = ("lm", "value")
+# HF architecture of each head in the seed schema (the value model loads with
+# AutoModelForTokenClassification, num_labels=1, as veRL's critics do)
+SEED_ARCHITECTURES = {"lm": "CustomSplitLLamaForCausalLM", "value": "CustomSplitLLamaForTokenClassification"}
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,13 @@ class ModelConfig:
     """Std of the normal initialisation of weights not loaded from a checkpoint."""
     freeze: str = "none"
     """Which parameters train: none (all train), all (none train), all_but_adapter (adapter-only warmup), or all_but:<name substrings> (adapter plus matching parameters)."""
+    head: str = "lm"
+    """What follows the final norm. ``lm``: the upper model's LM head (vocab-parallel logits,
+    cross-entropy on next tokens). ``value``: a critic — one ``Linear(h_upper -> 1, bias=True)``,
+    replicated on every TP rank (veRL's Megatron critic head), trained with a masked per-token
+    MSE on value targets from the data (``data.mock=false`` and a corpus preprocessed with
+    ``tools/preprocess_data.py --values-key``). Make a critic checkpoint with
+    ``tools/convert_checkpoint.py import-hf --head value`` or ``lm-to-critic``."""
 
     def __post_init__(self) -> None:
         self.lower = resolve_block(self.lower, "lower")
@@ -207,6 +218,8 @@ class ModelConfig:
 
     def validate(self, tensor_model_parallel_size: int = 1) -> None:
         """Raise one ValueError naming the first problem found."""
+        if self.head not in HEADS:
+            raise ValueError(f"model.head must be {' | '.join(HEADS)}, got '{self.head}'")
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ValueError(f"model.transformer_impl must be auto|local|transformer_engine, "
                              f"got '{self.transformer_impl}'")
@@ -241,8 +254,8 @@ class ModelConfig:
 
     # ---- seed (CustomSplitLLamaForCausalLM) JSON schema -------------------------------------
     def to_seed_dict(self) -> dict:
-        return {
-            "architectures": ["CustomSplitLLamaForCausalLM"],
+        d = {
+            "architectures": [SEED_ARCHITECTURES[self.head]],
             "model_type": "custom_split_llama",
             "path8b": self.path_lower,
             "path70b": self.path_upper,
@@ -254,19 +267,26 @@ class ModelConfig:
             "config8b": self.lower.to_hf_dict(),
             "config70b": self.upper.to_hf_dict(),
         }
+        if self.head == "value":
+            d["num_labels"] = 1
+        return d
 
     @classmethod
     def from_seed_dict(cls, d: dict, source: str = "<dict>") -> "ModelConfig":
-        if "CustomSplitLLamaForCausalLM" not in (d.get("architectures") or []):
-            raise ValueError(f"{source}: architectures {d.get('architectures')} is not "
-                             f"['CustomSplitLLamaForCausalLM']")
+        archs = d.get("architectures") or []
+        heads = [h for h, a in SEED_ARCHITECTURES.items() if a in archs]
+        if len(heads) != 1:
+            raise ValueError(f"{source}: architectures {archs} is not "
+                             + " or ".join(str([a]) for a in SEED_ARCHITECTURES.values()))
+        if heads[0] == "value" and int(d.get("num_labels", 1)) != 1:
+            raise ValueError(f"{source}: a SplitLlama critic has num_labels 1, found {d.get('num_labels')}")
         lower = d.get("config8b") or d.get("path8b")
         upper = d.get("config70b") or d.get("path70b")
         if lower is None or upper is None:
             raise ValueError(f"{source}: needs config8b/config70b or path8b/path70b")
         return cls(lower=lower, upper=upper, num_layers_lower=int(d["num_layers_8"]),
                    num_layers_upper=int(d["num_layers_70"]), mlp=bool(d.get("mlp", False)),
-                   path_lower=d.get("path8b"), path_upper=d.get("path70b"))
+                   path_lower=d.get("path8b"), path_upper=d.get("path70b"), head=heads[0])
 
     def to_dict(self) -> dict:
         d = asdict(self)

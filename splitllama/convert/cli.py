@@ -1,7 +1,9 @@
 """Command line of the checkpoint converter (``tools/convert_checkpoint.py``).
 
     import-hf        --lower DIR --upper DIR --num-layers-lower N --num-layers-upper M [--mlp]
-                     [--adapter-init random|identity] [--seed S] [--dtype auto|bf16|fp32|fp16] --out CKPT
+                     [--adapter-init random|identity] [--seed S] [--dtype auto|bf16|fp32|fp16]
+                     [--head lm|value] [--value-head-init zeros|normal] --out CKPT
+    lm-to-critic     --ckpt LM_CKPT --out CKPT [--value-head-init zeros|normal] [--seed S]
     import-hf-split  DIR --out CKPT [--dtype ...]      (a seed CustomSplitLLamaForCausalLM checkpoint)
     export-hf        --ckpt CKPT --out DIR [--dtype ...] [--max-shard-size GB]
     inspect          CKPT|DIR
@@ -19,6 +21,10 @@ from splitllama import logs
 from splitllama.convert.progress import fmt_bytes
 
 
+VALUE_INIT_HELP = ("critic value head: zeros (weight and bias 0) or normal (weight ~ N(0, 0.02^2) "
+                   "from --seed, bias 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,10 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--num-layers-upper", type=int, required=True, help="M: last M upper layers")
     imp.add_argument("--mlp", action="store_true", help="two-layer adapter (Linear-ReLU-Linear)")
     imp.add_argument("--adapter-init", default="random", choices=("random", "identity"))
-    imp.add_argument("--seed", type=int, default=0, help="seed of the random adapter init")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the random adapter (and normal value-head) init")
     imp.add_argument("--dtype", default="auto", choices=dtypes, help="auto: the source dtype")
+    imp.add_argument("--head", default="lm", choices=("lm", "value"),
+                     help="value: a critic initialisation (trunk copied, new value head instead of lm_head)")
+    imp.add_argument("--value-head-init", default=None, choices=("zeros", "normal"),
+                     help=VALUE_INIT_HELP + "; default zeros; only with --head value")
     imp.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
     imp.add_argument("--no-progress", action="store_true")
+
+    cri = sub.add_parser("lm-to-critic", help="LM torch_dist checkpoint -> critic initialisation (model.head=value)")
+    cri.add_argument("--ckpt", required=True, help="LM checkpoint root (uses 'latest') or iter_ dir")
+    cri.add_argument("--out", required=True, help="new checkpoint root (must not exist)")
+    cri.add_argument("--value-head-init", default="zeros", choices=("zeros", "normal"), help=VALUE_INIT_HELP)
+    cri.add_argument("--seed", type=int, default=None, help="seed of the normal value-head init (default 0)")
+    cri.add_argument("--no-progress", action="store_true")
 
     spl = sub.add_parser("import-hf-split", help="seed HF split-model checkpoint -> torch_dist")
     spl.add_argument("dir")
@@ -73,7 +90,13 @@ def run(args: argparse.Namespace) -> str:
 
         return _summary_import(import_hf(args.lower, args.upper, args.num_layers_lower, args.num_layers_upper,
                                          args.out, mlp=args.mlp, adapter_init=args.adapter_init,
-                                         seed=args.seed, dtype=args.dtype, progress=not args.no_progress))
+                                         seed=args.seed, dtype=args.dtype, progress=not args.no_progress,
+                                         head=args.head, value_head_init=args.value_head_init))
+    if args.cmd == "lm-to-critic":
+        from splitllama.convert.critic import lm_to_critic
+
+        return _summary_import(lm_to_critic(args.ckpt, args.out, init=args.value_head_init, seed=args.seed,
+                                            progress=not args.no_progress))
     if args.cmd == "import-hf-split":
         from splitllama.convert.import_hf import import_hf_split
 

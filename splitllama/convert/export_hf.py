@@ -3,7 +3,9 @@
 Writes sharded safetensors (+ index when more than one shard), config.json in the seed schema
 (CustomSplitLLamaConfig with embedded LLaMA configs and ``auto_map``), generation_config.json and
 the modeling code, so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
-loads it without splitllama installed. Each safetensors header is computed from the
+loads it without splitllama installed (a critic, ``model.head=value``: architecture
+CustomSplitLLamaForTokenClassification with ``num_labels=1``, loaded with
+``AutoModelForTokenClassification``). Each safetensors header is computed from the
 checkpoint metadata first, then tensors are read (one Megatron tensor at a time), split into
 their HF tensors and appended — memory is one tensor, not a shard. Written to ``DIR.tmp-<pid>``
 and renamed when complete.
@@ -21,7 +23,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from splitllama.config.model import ModelConfig
+from splitllama.config.model import SEED_ARCHITECTURES, ModelConfig
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.import_hf import DTYPES
 from splitllama.convert.keys import hf_shapes, schema
@@ -104,11 +106,13 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
     from splitllama.hf import build
     from splitllama.hf.configuration_splitllama import CustomSplitLLamaConfig
 
+    critic = {"num_labels": 1} if cfg.head == "value" else {}
     hf_cfg = CustomSplitLLamaConfig(path8b=cfg.path_lower, path70b=cfg.path_upper,
                                     num_layers_8=cfg.num_layers_lower, num_layers_70=cfg.num_layers_upper,
-                                    mlp=cfg.mlp, config8b=cfg.lower.to_hf_dict(), config70b=cfg.upper.to_hf_dict())
+                                    mlp=cfg.mlp, config8b=cfg.lower.to_hf_dict(), config70b=cfg.upper.to_hf_dict(),
+                                    **critic)
     hf_cfg.auto_map = dict(build.AUTO_MAP)
-    hf_cfg.architectures = ["CustomSplitLLamaForCausalLM"]
+    hf_cfg.architectures = [SEED_ARCHITECTURES[cfg.head]]
     hf_cfg.dtype = _TORCH_DTYPE_NAMES[dtype]
     hf_cfg.save_pretrained(out)
     GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)

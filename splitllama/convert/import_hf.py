@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from splitllama.checkpoint import layout
-from splitllama.config.model import LlamaBlockConfig, ModelConfig
+from splitllama.config.model import HEADS, LlamaBlockConfig, ModelConfig
 from splitllama.convert.buffers import BufferPool
 from splitllama.convert.dist_writer import Piece, write_torch_dist
 from splitllama.convert.keys import hf_shapes, schema
@@ -190,6 +190,18 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     pieces = planner.pieces()
     if on_checked is not None:
         on_checked()
+    final, tensors = write_checkpoint(out, pieces, cfg, progress, release=planner.pool.give_back)
+    read: dict[str, int] = {}
+    for s in sources:
+        read.update(s.bytes_read())
+    return ImportResult(final, cfg, read, sum(p.nbytes for p in pieces), tensors, time.perf_counter() - t0)
+
+
+def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: bool = True,
+                     release: Optional[Callable[[torch.Tensor], None]] = None) -> tuple[str, int]:
+    """Write `pieces` as iteration 0 of a new checkpoint root `out` (with model_config.json of
+    `cfg`), atomically: into ``OUT.tmp-<pid>``, renamed to `out` when complete, removed on any
+    failure. Returns (the final iter_ directory, number of tensors)."""
     remaining: dict[str, int] = {}
     nbytes = {}
     for p in pieces:
@@ -206,7 +218,7 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     try:
         os.makedirs(tmp_root)
         iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
-        write_torch_dist(iter_tmp, pieces, {}, on_written, release=planner.pool.give_back)
+        write_torch_dist(iter_tmp, pieces, {}, on_written, release=release)
         layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
         final = layout.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)
@@ -215,25 +227,34 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
         raise
     finally:
         bar.close()
-    read: dict[str, int] = {}
-    for s in sources:
-        read.update(s.bytes_read())
-    return ImportResult(os.path.join(out, os.path.basename(final)), cfg, read,
-                        sum(p.nbytes for p in pieces), len(remaining), time.perf_counter() - t0)
+    return os.path.join(out, os.path.basename(final)), len(remaining)
 
 
 def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: int, out: str,
               mlp: bool = False, adapter_init: str = "random", seed: int = 0, dtype: str = "auto",
-              progress: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
-    """Embedding + layers 0..N-1 of `lower`, a new adapter, layers L-M..L-1 + norm + lm_head of `upper`."""
-    from splitllama.hf.build import adapter_weights
+              progress: bool = True, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+              head: str = "lm", value_head_init: Optional[str] = None) -> ImportResult:
+    """Embedding + layers 0..N-1 of `lower`, a new adapter, layers L-M..L-1 + norm + lm_head of `upper`.
+    `head="value"`: a critic initialisation — the same trunk, and instead of the lm_head a new
+    value head (`splitllama.hf.build.value_head_weights(value_head_init)`, default zeros, seeded
+    by `seed`)."""
+    from splitllama.hf.build import VALUE_HEAD_INITS, adapter_weights, value_head_weights
+
+    if head not in HEADS:
+        raise ConversionError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head == "lm" and value_head_init is not None:
+        raise ConversionError("--value-head-init initialises a critic's value head: it needs --head value")
+    value_head_init = value_head_init or "zeros"
+    if value_head_init not in VALUE_HEAD_INITS:
+        raise ConversionError(f"--value-head-init must be one of {', '.join(VALUE_HEAD_INITS)}, "
+                              f"got {value_head_init!r}")
 
     out = _prepare_out(out)
     ck = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
     blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in ck.items()}
     cfg = ModelConfig(lower=blocks["lower"], upper=blocks["upper"], num_layers_lower=num_layers_lower,
                       num_layers_upper=num_layers_upper, mlp=mlp, path_lower=os.path.abspath(lower),
-                      path_upper=os.path.abspath(upper))
+                      path_upper=os.path.abspath(upper), head=head)
     _validate(cfg, f"lower {lower}, upper {upper}")
     if adapter_init not in ("random", "identity"):
         raise ConversionError(f"--adapter-init must be random or identity (lstsq is deferred), got {adapter_init!r}")
@@ -261,8 +282,12 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
         return lambda: adapter[0].result().pop(name[len("model."):])
 
     names = ["model.adapter_linear_1.weight", "model.adapter_linear_2.weight"] if mlp else ["model.adapter.weight"]
+    generated = {n: gen(n) for n in names}
+    if head == "value":
+        generated.update({n: (lambda n=n: value_head_weights(cfg.upper.hidden_size, value_head_init, seed=seed,
+                                                             dtype=out_dtype)[n]) for n in ("score.weight", "score.bias")})
     try:
-        return convert(cfg, resolve, {n: gen(n) for n in names}, list(ck.values()), out, out_dtype,
+        return convert(cfg, resolve, generated, list(ck.values()), out, out_dtype,
                        progress, max_chunk_bytes, on_checked=start)
     finally:
         pool.shutdown(wait=True)

@@ -49,7 +49,8 @@ def hf_shapes(e: Entry, cfg: ModelConfig) -> list[tuple[int, ...]]:
         "adapter.linear_fc1.weight": (up.hidden_size, lo.hidden_size),
         "adapter.linear_fc2.weight": (up.hidden_size, up.hidden_size),
         "final_layernorm.weight": (up.hidden_size,),
-        "output_layer.weight": (cfg.vocab_size, up.hidden_size),
+        "output_layer.weight": (1 if cfg.head == "value" else cfg.vocab_size, up.hidden_size),
+        "output_layer.bias": (1,),  # critic only
     }
     return [fixed[name]]
 

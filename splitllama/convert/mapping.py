@@ -10,7 +10,8 @@ Layouts (DESIGN.md §3):
   holds a plain dim-0 chunk (needs groups % tp == 0).
 - linear_fc1: cat(gate, up); a TP rank holds cat(gate.chunk(tp)[r], up.chunk(tp)[r]).
 - row-parallel (o_proj, down_proj, adapter row linears): dim-1 chunks; column-parallel
-  (embedding, lm_head, adapter_linear_1): dim-0 chunks; norms replicated.
+  (embedding, lm_head, adapter_linear_1): dim-0 chunks; norms and the critic's value head
+  (``score``) replicated.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ GLOBAL_RULES = (
     Rule("final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), COPY, 0),
 )
+# The critic's value head (model.head=value): replicated on every TP rank; HF names of
+# CustomSplitLLamaForTokenClassification (transformers' *ForTokenClassification ``score``).
+VALUE_HEAD_RULES = (
+    Rule("output_layer.weight", ("score.weight",)),
+    Rule("output_layer.bias", ("score.bias",)),
+)
 ADAPTER_RULES = {
     False: (Rule("adapter.linear.weight", ("model.adapter.weight",), COPY, 1),),
     True: (Rule("adapter.linear_fc1.weight", ("model.adapter_linear_1.weight",), COPY, 0),
@@ -81,7 +88,8 @@ def entries(cfg: ModelConfig) -> Iterator[Entry]:
         for i in range(n):
             for rule in LAYER_RULES:
                 yield Entry(**_fill(rule, {"b": b, "B": _BLOCKS[b], "i": i}), block=blk)
-    for rule in GLOBAL_RULES[1:]:
+    head = VALUE_HEAD_RULES if cfg.head == "value" else GLOBAL_RULES[2:]
+    for rule in (GLOBAL_RULES[1], *head):
         yield Entry(**_fill(rule, {}), block=None)
 
 

@@ -46,6 +46,7 @@ def build_datasets(
     test_samples: int,
     seed: int,
     tokenizer: Tokenizer,
+    value_targets: bool = False,
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Build (train, valid, test); a split whose ``cfg.split`` weight is 0 comes back None.
 
@@ -59,6 +60,9 @@ def build_datasets(
         seed: the train config's seed; it fixes document and sample shuffling.
         tokenizer: from :func:`splitllama.data.tokenizers.build_tokenizer`; its EOD drives the
             reset/eod-mask options and its vocab_size the mock data.
+        value_targets: critic data (``model.head=value``): samples also carry per-token
+            ``value_targets`` and the loss mask marks the tokens that have one
+            (:class:`splitllama.data.value_dataset.ValueGPTDataset`); needs real data.
 
     Raises:
         ValueError: bad config, a missing or empty prefix, a prefix with fewer than
@@ -79,6 +83,10 @@ def build_datasets(
 
     blend: tuple[list[str], list[float] | None] | None = None
     cls: Any
+    if value_targets and cfg.mock:
+        raise ValueError("model.head=value trains on value targets from the data: set data.mock=false "
+                         "and data.data_path to a corpus preprocessed with tools/preprocess_data.py "
+                         "--values-key")
     if cfg.mock:
         from splitllama.data.mock import LearnableMockDataset
 
@@ -90,6 +98,12 @@ def build_datasets(
             check_token_ids(prefix, tokenizer.vocab_size, f"data.tokenizer_type={cfg.tokenizer_type!r}")
         blend = (prefixes, weights)
         cls = GPTDataset
+        if value_targets:
+            from splitllama.data.value_dataset import ValueGPTDataset, check_values_prefix
+
+            for prefix in prefixes:
+                check_values_prefix(prefix)
+            cls = ValueGPTDataset
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq,

@@ -1,10 +1,23 @@
 """JSONL -> Megatron IndexedDataset (``PREFIX_<key>_document.bin/.idx``).
 
-One JSON object per line; the text under ``json_key`` becomes one document. Lines are tokenized
-in a ``multiprocessing.Pool`` (``imap`` keeps input order, so any worker count gives identical
+One JSON object per line; the text under ``json_key`` becomes one document (a list of ints
+there is taken as the document's token ids, unchanged). Lines are tokenized in a
+``multiprocessing.Pool`` (``imap`` keeps input order, so any worker count gives identical
 files) and written with megatron.core's ``IndexedDatasetBuilder``. Output goes to temporary
 names that are renamed only on success: a failed run leaves no ``.bin``/``.idx`` behind.
+
+Critic (value-model) data: with ``values_key`` each line also carries regression targets, and
+a second IndexedDataset of float32, ``PREFIX_<key>_document_values.bin/.idx``, holds one target
+per token (same documents, same lengths; NaN = no target, masked out of the loss):
+
+    {"text": "...", "values": [0.0, null, 0.5, ...]}  # per token: one entry per token of the text
+                                                      # (null: no target at that token)
+    {"text": "...", "values": 0.7}                    # per sequence: the target of the last token
+
+The target at token i is what the critic's value at token i (having read tokens 0..i) is
+trained towards. BOS / EOD tokens added here get no target.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,12 +53,15 @@ class PreprocessStats:
     input_bytes: int
     seconds: float
     dtype: str
+    value_targets: int | None = None  # tokens with a value target (None: no values written)
 
     def summary(self) -> str:
         mb_s = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
+        values = "" if self.value_targets is None else (
+            f"; {values_prefix(self.output_prefix)}.bin/.idx: {self.value_targets} value targets")
         return (
             f"wrote {self.output_prefix}.bin/.idx: {self.documents} documents, {self.tokens} "
-            f"tokens ({self.dtype}), {self.skipped} empty skipped, "
+            f"tokens ({self.dtype}), {self.skipped} empty skipped{values}, "
             f"{self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s ({mb_s:.2f} MB/s)"
         )
 
@@ -55,39 +71,84 @@ def output_prefix_for(output_prefix: str, json_key: str) -> str:
     return f"{output_prefix}_{json_key}_document"
 
 
+def values_prefix(token_prefix: str) -> str:
+    """The float32 value-target dataset written next to token dataset ``token_prefix``."""
+    return f"{token_prefix}_values"
+
+
+def parse_targets(value: object, n_tokens: int, key: str) -> list[float]:
+    """One float per token (NaN: no target) from a line's ``key`` entry: a number (the target
+    of the last token) or a list of numbers / nulls, one per token. ValueError if neither."""
+    nan = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [nan] * (n_tokens - 1) + [float(value)]
+    if isinstance(value, list):
+        if len(value) != n_tokens:
+            raise ValueError(f"{key!r} has {len(value)} entries but the document has {n_tokens} tokens")
+        bad = [v for v in value if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+        if bad:
+            raise ValueError(f"{key!r} entries must be numbers or null, found {bad[0]!r}")
+        return [nan if v is None else float(v) for v in value]
+    raise ValueError(f"{key!r} must be a number (per-sequence target) or a list with one number or "
+                     f"null per token, got {type(value).__name__}")
+
+
 # --------------------------------------------------------------------------- worker side
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(spec: TokenizerSpec, json_key: str, append_eod: bool, prepend_bos: bool) -> None:
+def _init_worker(spec: TokenizerSpec, json_key: str, append_eod: bool, prepend_bos: bool,
+                 values_key: str | None = None) -> None:
     tok = spec.build()
-    _WORKER.update(tok=tok, key=json_key, eod=append_eod, bos=prepend_bos)
+    _WORKER.update(tok=tok, key=json_key, eod=append_eod, bos=prepend_bos, values=values_key)
 
 
-def _encode(item: tuple[int, bytes]) -> tuple[int, int, list[int] | None, str | None]:
-    """(line number, raw line) -> (line number, bytes, ids or None for blank, error or None)."""
+def _ids(tok: Tokenizer, doc: object, key: str) -> list[int]:
+    """A document's token ids: the text tokenized, or a list of ids taken as they are."""
+    if isinstance(doc, str):
+        return tok.tokenize(doc)
+    if isinstance(doc, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in doc):
+        bad = [i for i in doc if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} in {key!r} outside [0, {tok.vocab_size})")
+        return list(doc)
+    raise ValueError(f"value of {key!r} is {type(doc).__name__}, not str (text) or a list of token ids")
+
+
+Encoded = tuple[int, int, "list[int] | None", "list[float] | None", "str | None"]
+
+
+def _encode(item: tuple[int, bytes]) -> Encoded:
+    """(line number, raw line) -> (line number, bytes, ids or None for blank, value targets
+    (one per id; None without values_key), error or None)."""
     line_no, raw = item
     if not raw.strip():
-        return line_no, len(raw), None, None
+        return line_no, len(raw), None, None, None
     tok: Tokenizer = _WORKER["tok"]  # type: ignore[assignment]
     key: str = _WORKER["key"]  # type: ignore[assignment]
+    vkey: str | None = _WORKER["values"]  # type: ignore[assignment]
+    targets = None
     try:
         obj = json.loads(raw)
         if not isinstance(obj, dict) or key not in obj:
-            return line_no, len(raw), None, f"no key {key!r} in the JSON object"
-        text = obj[key]
-        if not isinstance(text, str):
-            return line_no, len(raw), None, f"value of {key!r} is {type(text).__name__}, not str"
-        ids = tok.tokenize(text)
+            return line_no, len(raw), None, None, f"no key {key!r} in the JSON object"
+        ids = _ids(tok, obj[key], key)
+        if vkey is not None and ids:
+            if vkey not in obj:
+                return line_no, len(raw), None, None, f"no key {vkey!r} (value targets) in the JSON object"
+            targets = parse_targets(obj[vkey], len(ids), vkey)
     except ValueError as err:  # json.JSONDecodeError is a ValueError
-        return line_no, len(raw), None, str(err)
+        return line_no, len(raw), None, None, str(err)
     if _WORKER["bos"] and ids:
         if tok.bos is None:
-            return line_no, len(raw), None, "prepend_bos: the tokenizer has no BOS token"
+            return line_no, len(raw), None, None, "prepend_bos: the tokenizer has no BOS token"
         ids = [tok.bos] + ids
+        targets = None if targets is None else [float("nan")] + targets
     if _WORKER["eod"] and ids:
         ids.append(tok.eod)
-    return line_no, len(raw), ids, None
+        if targets is not None:
+            targets.append(float("nan"))
+    return line_no, len(raw), ids, targets, None
 
 
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
@@ -109,8 +170,10 @@ def preprocess_jsonl(
     model_vocab_size: int | None = None,
     chunk_size: int = 64,
     progress: bool = True,
+    values_key: str | None = None,
 ) -> PreprocessStats:
-    """Tokenize ``input_path`` into ``output_prefix_for(output_prefix, json_key)``.bin/.idx.
+    """Tokenize ``input_path`` into ``output_prefix_for(output_prefix, json_key)``.bin/.idx
+    (and, with ``values_key``, its value targets into ``values_prefix(...)``.bin/.idx).
 
     Token dtype is ``DType.optimal_dtype(vocab_size)``: uint16 below 65500 ids, else int32.
     Raises FileNotFoundError/ValueError (empty input, no documents, a bad line, a tokenizer
@@ -134,17 +197,27 @@ def preprocess_jsonl(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
 
     final = output_prefix_for(output_prefix, json_key)
+    stale = values_prefix(final) + ".idx"
+    if values_key is None and os.path.exists(stale):
+        raise ValueError(f"{stale} exists: value targets of an earlier run would pair with the new "
+                         f"tokens; pass values_key (--values-key) or move it away")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
     tmp = f"{final}.tmp{os.getpid()}"
     docs = skipped = tokens = done_bytes = 0
     t0 = time.perf_counter()
-    initargs = (spec, json_key, append_eod, prepend_bos)
+    initargs = (spec, json_key, append_eod, prepend_bos, values_key)
+    vtmp = values_prefix(tmp)
+    targets = 0
     if workers > 1:  # HF tokenizers would warn about (and disable) threads after fork
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pool = multiprocessing.Pool(workers, _init_worker, initargs) if workers > 1 else None
-    builder = None
+    builder = vbuilder = None
     try:
         builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
+        if values_key is not None:
+            import numpy
+
+            vbuilder = IndexedDatasetBuilder(vtmp + ".bin", dtype=numpy.float32)
         if pool is None:
             _init_worker(*initargs)
             results: Iterator = map(_encode, _lines(input_path))
@@ -152,7 +225,7 @@ def preprocess_jsonl(
             results = pool.imap(_encode, _lines(input_path), chunksize=chunk_size)
         bar = tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not progress)
         with bar:
-            for line_no, nbytes, ids, error in results:
+            for line_no, nbytes, ids, values, error in results:
                 if error is not None:
                     raise ValueError(f"{input_path}:{line_no}: {error}")
                 done_bytes += nbytes
@@ -161,6 +234,9 @@ def preprocess_jsonl(
                     skipped += 1
                     continue
                 builder.add_document(ids, [len(ids)])
+                if vbuilder is not None:
+                    vbuilder.add_document(values, [len(values)])
+                    targets += sum(v == v for v in values)  # NaN != NaN
                 docs += 1
                 tokens += len(ids)
                 if docs % 256 == 0:
@@ -172,18 +248,24 @@ def preprocess_jsonl(
                 f"tokenized to nothing; nothing written"
             )
         builder.finalize(tmp + ".idx")
+        if vbuilder is not None:  # values first: tokens without their values never look done
+            vbuilder.finalize(vtmp + ".idx")
+            os.replace(vtmp + ".bin", values_prefix(final) + ".bin")
+            os.replace(vtmp + ".idx", values_prefix(final) + ".idx")
         os.replace(tmp + ".bin", final + ".bin")
         os.replace(tmp + ".idx", final + ".idx")
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-        if builder is not None and not builder.data_file.closed:
-            builder.data_file.close()
-        for path in (tmp + ".bin", tmp + ".idx"):
+        for b in (builder, vbuilder):
+            if b is not None and not b.data_file.closed:
+                b.data_file.close()
+        for path in (tmp + ".bin", tmp + ".idx", vtmp + ".bin", vtmp + ".idx"):
             if os.path.exists(path):
                 os.remove(path)
     return PreprocessStats(
         output_prefix=final, documents=docs, skipped=skipped, tokens=tokens,
         input_bytes=done_bytes, seconds=time.perf_counter() - t0, dtype=dtype.__name__,
+        value_targets=targets if values_key is not None else None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -13,13 +14,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .configuration_splitllama import CustomSplitLLamaConfig, llama_config_to_dict, tiny_llama_configs
-from .modeling_splitllama import CustomSplitLLamaForCausalLM
+from .modeling_splitllama import CustomSplitLLamaForCausalLM, CustomSplitLLamaForTokenClassification
 
 AdapterInit = Literal["random", "identity"]
+ValueHeadInit = Literal["zeros", "normal"]
+VALUE_HEAD_INITS = ("zeros", "normal")
 
 AUTO_MAP: dict[str, str] = {
     "AutoConfig": "configuration_splitllama.CustomSplitLLamaConfig",
     "AutoModelForCausalLM": "modeling_splitllama.CustomSplitLLamaForCausalLM",
+    # the critic (value model, num_labels=1); an LM export loads here too with a new `score`
+    "AutoModelForTokenClassification": "modeling_splitllama.CustomSplitLLamaForTokenClassification",
 }
 _CODE_FILES = ("configuration_splitllama.py", "modeling_splitllama.py")
 
@@ -62,6 +67,44 @@ def adapter_weights(
     else:
         raise ValueError(f"adapter_init must be 'random' or 'identity', got {init!r}")
     return out
+
+
+def value_head_weights(
+    hidden_size: int, init: ValueHeadInit = "zeros", std: float = 0.02, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """A new critic's value head, keyed ``score.weight`` [1, hidden] and ``score.bias`` [1].
+
+    ``zeros``: weight and bias 0 — the critic starts out predicting 0 for every token; its first step moves the
+    head only (the trunk's gradient is proportional to the head weight). ``normal``: weight ~ N(0, std²) drawn from
+    ``torch.Generator(seed)`` (std = Megatron's ``init_method_std``, 0.02), bias 0.
+    """
+    if init == "zeros":
+        weight = torch.zeros(1, hidden_size, dtype=dtype)
+    elif init == "normal":
+        gen = torch.Generator().manual_seed(seed)
+        weight = (torch.randn(1, hidden_size, generator=gen, dtype=torch.float64) * std).to(dtype)
+    else:
+        raise ValueError(f"value head init must be one of {', '.join(VALUE_HEAD_INITS)}, got {init!r}")
+    return {"score.weight": weight, "score.bias": torch.zeros(1, dtype=dtype)}
+
+
+def critic_from_causal_lm(
+    lm: CustomSplitLLamaForCausalLM, init: ValueHeadInit = "zeros", seed: int = 0
+) -> CustomSplitLLamaForTokenClassification:
+    """A value model (num_labels=1) with copies of ``lm``'s body (everything but ``lm_head``) and a new head
+    (:func:`value_head_weights`). ``lm`` is not modified. Returned in eval mode."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.architectures = ["CustomSplitLLamaForTokenClassification"]
+    sd = {k: v.detach().clone() for k, v in lm.state_dict().items() if k.startswith("model.")}
+    embed = sd["model.embed_tokens.weight"]
+    head = value_head_weights(config.hidden_size_upper, init, seed=seed, dtype=embed.dtype)
+    sd.update({k: v.to(embed.device) for k, v in head.items()})
+    with torch.device("meta"):
+        model = CustomSplitLLamaForTokenClassification(config)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.model.reset_rotary(embed.device)
+    return model.eval()
 
 
 def split_state_dict(
@@ -135,12 +178,15 @@ def split_from_llamas(
     return model.eval()
 
 
-def save_pretrained_with_code(model: CustomSplitLLamaForCausalLM, save_directory: str | os.PathLike) -> Path:
+def save_pretrained_with_code(
+    model: CustomSplitLLamaForCausalLM | CustomSplitLLamaForTokenClassification, save_directory: str | os.PathLike
+) -> Path:
     """``model.save_pretrained`` plus the two code files and ``auto_map`` in config.json.
 
-    The directory then loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` without
-    ``splitllama`` being importable.
+    The directory then loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` (a
+    critic: ``AutoModelForTokenClassification``) without ``splitllama`` being importable.
     """
+    arch = [type(model).__name__]
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     model.config.auto_map = dict(AUTO_MAP)
@@ -150,9 +196,9 @@ def save_pretrained_with_code(model: CustomSplitLLamaForCausalLM, save_directory
         shutil.copyfile(here / name, out / name)
     config_path = out / "config.json"
     data = json.loads(config_path.read_text())
-    if data.get("auto_map") != AUTO_MAP or data.get("architectures") != ["CustomSplitLLamaForCausalLM"]:
+    if data.get("auto_map") != AUTO_MAP or data.get("architectures") != arch:
         data["auto_map"] = dict(AUTO_MAP)
-        data["architectures"] = ["CustomSplitLLamaForCausalLM"]
+        data["architectures"] = arch
         config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -160,9 +206,11 @@ def save_pretrained_with_code(model: CustomSplitLLamaForCausalLM, save_directory
 __all__ = [
     "AUTO_MAP",
     "adapter_weights",
+    "critic_from_causal_lm",
     "save_pretrained_with_code",
     "split_from_llamas",
     "split_state_dict",
     "tiny_llama_configs",
     "tiny_llama_from_config",
+    "value_head_weights",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, TokenClassifierOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .configuration_splitllama import CustomSplitLLamaConfig
@@ -211,4 +211,78 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CustomSplitLLamaForCausalLM", "CustomSplitLLamaModel"]
+class CustomSplitLLamaForTokenClassification(PreTrainedModel):
+    """SplitLlama critic / token classifier: :class:`CustomSplitLLamaModel` plus ``score``, a
+    ``Linear(hidden_size_upper -> num_labels, bias=True)`` (transformers' ``*ForTokenClassification``
+    layout). With ``num_labels=1`` it is the value model veRL loads with
+    ``AutoModelForTokenClassification``: logits ``[batch, seq, 1]`` are the per-token values.
+
+    ``classifier_dropout`` (default 0.0, unlike transformers' 0.1: the Megatron critic has no dropout) applies
+    before ``score``. ``labels``: float targets ``[batch, seq]`` with ``num_labels=1`` (masked MSE; positions
+    equal to -100 or NaN are ignored), class ids otherwise (cross-entropy, -100 ignored).
+    """
+
+    config_class = CustomSplitLLamaConfig
+    config: CustomSplitLLamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: CustomSplitLLamaConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = CustomSplitLLamaModel(config)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
+        self.score = nn.Linear(config.hidden_size_upper, config.num_labels, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> TokenClassifierOutput:
+        """Per-token logits ``[batch, seq, num_labels]`` (and the loss when ``labels`` is given); no KV cache."""
+        for key in ("past_key_values", "cache", "return_dict", "use_cache", "num_items_in_batch"):
+            kwargs.pop(key, None)
+        if kwargs.pop("output_attentions", False):
+            raise NotImplementedError("output_attentions is not supported by CustomSplitLLamaForTokenClassification")
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.output_hidden_states)
+        hidden_states, _, all_hidden = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        logits = self.score(self.dropout(hidden_states))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                target = labels.to(logits.dtype)
+                keep = (labels != -100) & torch.isfinite(target)
+                err = (logits.squeeze(-1) - torch.where(keep, target, torch.zeros_like(target))).square()
+                loss = (err * keep).sum() / keep.sum().clamp_min(1)
+            else:
+                loss = nn.functional.cross_entropy(
+                    logits.reshape(-1, self.num_labels).float(), labels.reshape(-1).long(), ignore_index=-100
+                )
+        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=all_hidden)
+
+
+__all__ = ["CustomSplitLLamaForCausalLM", "CustomSplitLLamaForTokenClassification", "CustomSplitLLamaModel"]

@@ -1,4 +1,5 @@
-"""SplitLlamaModel: embedding -> lower block -> adapter -> upper block -> norm -> LM head.
+"""SplitLlamaModel: embedding -> lower block -> adapter -> upper block -> norm -> LM head
+(or, for a critic, the value head of `value_head.py`).
 
 One instance is one pipeline stage: it builds only the units its stage owns (per the
 `PipelineLayout`), receives the previous stage's activation through `set_input_tensor`, and
@@ -22,6 +23,7 @@ from splitllama.model.adapter import Adapter
 from splitllama.model.norm import RMSNorm
 from splitllama.model.rope import build_rotary
 from splitllama.model.spec import layer_spec
+from splitllama.model.value_head import ValueHead
 from splitllama.pipeline.layout import PipelineLayout
 
 
@@ -63,10 +65,23 @@ class SplitLlamaModel(LanguageModule):
         if self.post_process:
             self.final_layernorm = RMSNorm(upper_config, model_cfg.upper.hidden_size,
                                            eps=model_cfg.upper.rms_norm_eps)
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                model_cfg.upper.hidden_size, model_cfg.vocab_size, config=upper_config,
-                init_method=upper_config.init_method, bias=False, skip_bias_add=False,
-                gather_output=False)
+            if model_cfg.head == "value":  # critic: veRL's replicated Linear(h -> 1, bias)
+                self.output_layer = ValueHead(upper_config, model_cfg.upper.hidden_size)
+            else:
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    model_cfg.upper.hidden_size, model_cfg.vocab_size, config=upper_config,
+                    init_method=upper_config.init_method, bias=False, skip_bias_add=False,
+                    gather_output=False)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """LanguageModule's, except that a critic's head must match the checkpoint's shape:
+        LanguageModule lets ``output_layer.*`` load with a shape mismatch (vocab padding),
+        which would quietly load an LM head's first row into a value head."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.post_process and self.model_cfg.head == "value":
+            for name in ("output_layer.weight", "output_layer.bias"):
+                sd[f"{prefix}{name}"].allow_shape_mismatch = False
+        return sd
 
     # ---- pipeline plumbing ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -113,7 +128,9 @@ class SplitLlamaModel(LanguageModule):
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns this stage's output activation [s, b, h]; on the last stage the per-token
-        loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp]."""
+        loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp].
+        Critic (``head=value``): `labels` are float value targets [b, s] and the per-token
+        loss is the squared error (value - target)² [b, s]; without them, the values [b, s]."""
         with torch.no_grad() if self.no_grad_prefix else contextlib.nullcontext():
             x = self._prefix(input_ids, position_ids, attention_mask)
         if self.no_grad_prefix:
@@ -131,6 +148,9 @@ class SplitLlamaModel(LanguageModule):
         if not self.post_process:
             return x
         x = self.final_layernorm(x)
+        if self.model_cfg.head == "value":
+            values = self.output_layer(x)  # [b, s], float32
+            return values if labels is None else (values - labels.to(values.dtype)).square()
         logits, _ = self.output_layer(x)
         if labels is None:
             return logits.transpose(0, 1).contiguous()

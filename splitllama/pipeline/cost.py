@@ -2,7 +2,7 @@
 
 Units in chain order: ``embedding``, ``lower.0 .. lower.N-1``, ``adapter``, ``upper.0 ..
 upper.M-1`` (HF layers L70-M .. L70-1 of the upper model), ``head`` (final RMSNorm + LM head
-+ cross-entropy). Every per-unit quantity is **per GPU and per microbatch** (one TP rank of one
++ cross-entropy, or a critic's value head + MSE). Every per-unit quantity is **per GPU and per microbatch** (one TP rank of one
 data-parallel replica), except ``param_count``, which is the unit's full (unsharded) size.
 
 Assumptions (change them here, in one place):
@@ -27,7 +27,9 @@ Assumptions (change them here, in one place):
   the layer input ``2*s*b*h`` is kept, plus one layer's full activations while it is recomputed
   (``act_working_bytes``). The formula was derived for GPT (4h MLP, MHA); it is used here as the
   documented estimate for LLaMA too. Head: norm + head inputs ``2*2*s*b*h`` and the logits
-  ``s*b*V*(2 + 4)`` (bf16 logits + fp32 softmax) over ``tp``.
+  ``s*b*V*(2 + 4)`` (bf16 logits + fp32 softmax) over ``tp``. A critic (``model.head=value``)
+  has instead the replicated value head: ``2*s*b*(h+1)`` FLOPs on the rank's tokens (over
+  ``tp`` with SP), the norm weight plus ``h + 1`` head parameters, fp32 values ``4*s*b``.
 * Model state per parameter: weights ``dtype_bytes``; gradients ``grad_dtype_bytes`` (fp32 main
   grads, Megatron's default for bf16); Adam state 12 bytes (fp32 master + m + v) with 2-byte
   params, 8 bytes (m + v) with fp32 params; divided by ``dp`` with the distributed optimizer
@@ -171,6 +173,11 @@ def units_for(model_cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, d
     ad_fwd = 2 * tokens * ad_params / tp
     units.append(unit("adapter", "adapter", ad_fwd, 2 * ad_fwd, ad_params, 0, ad_act, h_up))
     units += [layer(up, "upper", i) for i in range(model_cfg.num_layers_upper)]
+    if model_cfg.head == "value":  # critic: replicated Linear(h -> 1) on this rank's tokens
+        head_fwd = 2 * tokens * (h_up + 1) / sp_div
+        units.append(unit("head", "head", head_fwd, 2 * head_fwd, 0, 2 * h_up + 1,
+                          2 * 2 * tokens * h_up / sp_div + 4 * tokens, 0))
+        return units
     logits = tokens * vocab / tp
     head_fwd = 2 * tokens * h_up * vocab / tp + 5 * logits  # GEMM + softmax/CE elementwise
     units.append(unit("head", "head", head_fwd, 2 * head_fwd, vocab * h_up, h_up,

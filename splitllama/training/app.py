@@ -23,7 +23,8 @@ from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 
 log = logging.getLogger("splitllama")
-SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp")
+SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp", "head")
+FIELD_DEFAULTS = {"head": "lm"}  # checkpoints written before the field existed
 
 
 def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
@@ -51,13 +52,15 @@ def adopt_checkpoint_model(job: JobConfig) -> None:
     saved = ck.read_json(ck.resolve(job.checkpoint.load), ck.MODEL_CONFIG)
     if saved is None:
         return
-    ckpt_model = ModelConfig(**{k: saved[k] for k in SHAPE_FIELDS})
+    ckpt_model = ModelConfig(**{k: saved.get(k, FIELD_DEFAULTS.get(k)) for k in SHAPE_FIELDS})
     for key in SHAPE_FIELDS:
         mine, theirs = getattr(job.model, key), getattr(ckpt_model, key)
         if f"model.{key}" in job.explicit and mine != theirs:
             raise ValueError(f"model.{key} in the config ({_short(mine)}) conflicts with the "
                              f"checkpoint {job.checkpoint.load} ({_short(theirs)}); drop the model "
-                             f"section to use the checkpoint's model")
+                             f"section to use the checkpoint's model"
+                             + ("; make a critic from an LM checkpoint with tools/convert_checkpoint.py "
+                                "lm-to-critic" if key == "head" else ""))
         setattr(job.model, key, theirs)
 
 
@@ -81,7 +84,7 @@ def setup_data(rt: Runtime):
         job.data, global_batch_size=tr.global_batch_size,
         train_samples=iters * tr.global_batch_size,
         eval_samples=max(evals, 1) * tr.global_batch_size, test_samples=0,
-        seed=tr.seed, tokenizer=tok)
+        seed=tr.seed, tokenizer=tok, value_targets=job.model.head == "value")
     needs_data = rt.is_first_stage or rt.is_last_stage
 
     def make(ds, start):

@@ -63,11 +63,17 @@ def check_batch_ids(batch: dict, vocab_size: int) -> None:
 
 
 def forward_step(data_iterator, model):
+    """LM: cross-entropy on the next tokens (`labels`). Critic (model.head=value): squared
+    error of the per-token values against the data's `value_targets`. Either way the
+    per-token losses are masked by `loss_mask` and averaged over its tokens (for the critic:
+    the masked MSE)."""
     inner = unwrap(model)
     batch = get_batch(data_iterator, inner)
+    target = None
+    if inner.post_process:
+        target = batch["value_targets"] if inner.model_cfg.head == "value" else batch["labels"]
     out = model(batch["tokens"] if inner.pre_process else None,
-                position_ids=batch.get("position_ids"),
-                labels=batch["labels"] if inner.post_process else None)
+                position_ids=batch.get("position_ids"), labels=target)
     return out, partial(loss_func, batch.get("loss_mask"))
 
 

@@ -1,6 +1,7 @@
 """Worker for the conversion tests: for each case, builds SplitLlamaModel at (TP, PP, layout),
 loads an `import-hf` checkpoint with `load_model_weights` under strict checking, runs a
-forward pass (manual p2p between the two stages when PP=2) and writes the full-vocab logits.
+forward pass (manual p2p between the two stages when PP=2) and writes the full-vocab logits
+(a critic checkpoint, model.head=value: the per-token values [b, s]).
 A case may also re-save the loaded model with `dist_checkpointing.save` (the training app's
 way), in the SplitLlama checkpoint layout, so the test can compare and export it.
 
@@ -107,7 +108,8 @@ def run_case(case: dict, tokens: torch.Tensor) -> None:
         if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             from safetensors.torch import save_file
 
-            save_file({"logits": torch.cat(parts, dim=-1)}, case["out"])
+            # a critic's values [b, s] are replicated over TP; an LM's logits are vocab shards
+            save_file({"logits": parts[0] if cfg.head == "value" else torch.cat(parts, dim=-1)}, case["out"])
     if case.get("save"):
         _save_like_training(model, cfg, case["save"])
     dist.barrier()

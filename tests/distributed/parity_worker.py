@@ -3,7 +3,10 @@ loads HF split weights through the mapping table, and writes logits / per-token 
 gradients (un-sharded, HF names) for the test to compare with transformers.
 
 Usage: torchrun --nproc-per-node TP parity_worker.py SPEC.json
-SPEC: {"tp": 2, "cases": [{"name", "hf_dir", "tokens", "out", "sp": bool, "prototype": bool}]}
+SPEC: {"tp": 2, "cases": [{"name", "hf_dir", "tokens", "out", "sp": bool, "prototype": bool,
+                           "untag_value_bias": bool}]}
+A critic export (CustomSplitLLamaForTokenClassification) runs the value head: its targets are
+the "values" tensor of the tokens file and its "logits" are the per-token values [b, s].
 """
 from __future__ import annotations
 
@@ -48,12 +51,17 @@ def run_case(case: dict, tp: int) -> None:
     load_full_weights(model, full, cfg, built.layout, 0, tp, rank,
                       shard=prototype_shard if case.get("prototype") else tp_shard)
 
-    tokens = load_file(case["tokens"])["tokens"]
-    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    critic = cfg.head == "value"
+    data = load_file(case["tokens"])
+    tokens = data["tokens"]
+    inputs = tokens[:, :-1].contiguous()
+    labels = data["values"].contiguous() if critic else tokens[:, 1:].contiguous()
+    if case.get("untag_value_bias"):  # veRL's LinearForLastLayer tags the weight only
+        model.output_layer.bias.sequence_parallel = False
     loss = model(inputs, labels=labels)  # [b, s]
     loss.mean().backward()
     with torch.no_grad():
-        logits = model(inputs)  # [b, s, V/tp]
+        logits = model(inputs)  # [b, s, V/tp]; critic: values [b, s]
     group = ps.get_tensor_model_parallel_group()
 
     def gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -61,18 +69,21 @@ def run_case(case: dict, tp: int) -> None:
         dist.all_gather(parts, t.contiguous(), group=group)
         return parts
 
-    full_logits = torch.cat(gather(logits), dim=-1)
+    full_logits = logits if critic else torch.cat(gather(logits), dim=-1)
     by_name = {e.mcore: e for e in entries(cfg)}
-    grads = {}
+    grads, replicated_diff = {}, 0.0  # largest difference of a replicated grad between TP ranks
     for local, p in model.named_parameters():
         g = p.grad.detach().clone()
         if getattr(p, "sequence_parallel", False):  # what finalize_model_grads does under SP
             dist.all_reduce(g, group=group)
         name = global_name(local, built.layout, 0)
-        grads[name] = tp_unshard(by_name[name], gather(g))
+        shards = gather(g)
+        if by_name[name].tp_axis is None:
+            replicated_diff = max([replicated_diff] + [(s - shards[0]).abs().max().item() for s in shards])
+        grads[name] = tp_unshard(by_name[name], shards)
     hf_grads = mcore_to_hf(grads, cfg)
     if dist.get_rank() == 0:
-        out = {"logits": full_logits, "loss": loss.detach()}
+        out = {"logits": full_logits, "loss": loss.detach(), "replicated_grad_diff": torch.tensor(replicated_diff)}
         out.update({f"grad.{k}": v.contiguous() for k, v in hf_grads.items()})
         save_file(out, case["out"])
 

@@ -1,7 +1,8 @@
 """Worker for the pipeline tests: for each case (TP, PP, layout) builds the real training
 runtime (DDP + distributed optimizer + 1F1B with per-rank p2p widths), loads HF split weights
 through the mapping table, runs one forward/backward over a fixed global batch, and writes:
-  - last stage, TP rank 0: per-micro-batch logits (full vocab) and per-token losses
+  - last stage, TP rank 0: per-micro-batch logits (full vocab; a critic's: values [1, s]) and
+    per-token losses (a critic's targets: the "values" tensor of the tokens file)
   - every stage, TP rank 0: gradients (un-sharded, HF names) of the parameters it owns
   - every rank: the global names and sizes of the parameters it built
 Usage: torchrun --nproc-per-node W pp_worker.py SPEC.json
@@ -35,7 +36,9 @@ def run_case(case: dict) -> None:
     with open(f"{case['hf_dir']}/config.json") as f:
         model_cfg = ModelConfig.from_seed_dict(json.load(f))
     model_cfg.transformer_impl = "local"
-    tokens = load_file(case["tokens"])["tokens"]
+    data = load_file(case["tokens"])
+    tokens = data["tokens"]
+    critic = model_cfg.head == "value"
     n_mb, seq = tokens.shape[0], tokens.shape[1] - 1
     job = JobConfig(model=model_cfg)
     job.parallel.tensor_model_parallel_size = case["tp"]
@@ -51,8 +54,11 @@ def run_case(case: dict) -> None:
 
     def batches():
         for i in range(n_mb):
-            yield {"tokens": tokens[i:i + 1, :-1], "labels": tokens[i:i + 1, 1:],
-                   "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None]}
+            b = {"tokens": tokens[i:i + 1, :-1], "labels": tokens[i:i + 1, 1:],
+                 "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None]}
+            if critic:
+                b["value_targets"] = data["values"][i:i + 1]
+            yield b
 
     fb = get_forward_backward_func()
     kw = _schedule_kwargs(rt)
@@ -94,7 +100,7 @@ def run_case(case: dict) -> None:
         outs = fb(forward_step_func=logits_step, data_iterator=batches(), model=[rt.ddp],
                   num_microbatches=n_mb, forward_only=True, **kw)
     if rt.is_last_stage:
-        logits = torch.cat([torch.cat(gather(o["logits"]), dim=-1) for o in outs])
+        logits = torch.cat([o["logits"] if critic else torch.cat(gather(o["logits"]), dim=-1) for o in outs])
         loss = torch.stack([d["lm loss"] for d in losses])  # [mb, (sum, tokens)]
         if tp_rank == 0:
             save_file({"logits": logits, "loss_sum_tokens": loss}, f"{out_dir}/outputs.safetensors")

@@ -58,6 +58,10 @@ def _help_in_subprocess(script: str) -> tuple[str, list[str], float]:
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_is_fast_and_imports_no_megatron(script):
     text, heavy, seconds = _help_in_subprocess(script)
+    for _ in range(2):  # best of three: a wall-clock bound on a shared machine
+        if seconds < 2.0:
+            break
+        seconds = min(seconds, _help_in_subprocess(script)[2])
     assert "usage:" in text
     assert "megatron" not in heavy and "torch" not in heavy, heavy
     assert seconds < 2.0, f"{script} --help took {seconds:.2f} s"
