@@ -4,10 +4,12 @@
     python pretrain_splitllama.py --config configs/tiny.yaml [section.key=value ...]
     torchrun --nproc-per-node 4 pretrain_splitllama.py --config configs/tiny.yaml \\
         parallel.pipeline_model_parallel_size=2 parallel.tensor_model_parallel_size=2
+
+`--help` lists every config key with its type, default and meaning; `-v` prints more.
 """
 import sys
 
-from splitllama.training.app import main
+from splitllama.training.entry import main  # --help answers before Megatron is imported
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,7 +30,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "splitllama-train=splitllama.training.app:main",
+            "splitllama-train=splitllama.training.entry:main",
             "splitllama-convert=splitllama.convert.cli:main",
         ],
     },

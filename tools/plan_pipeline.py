@@ -23,6 +23,7 @@ import sys
 if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from splitllama.config.cli import config_parser  # noqa: E402
 from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
 from splitllama.errors import cli_main  # noqa: E402
 from splitllama.pipeline.cost import Hardware, units_for_job  # noqa: E402
@@ -31,7 +32,7 @@ from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = config_parser(__doc__.splitlines()[0])  # --help ends with every config key
     p.add_argument("--config", default=None, help="job YAML (e.g. configs/llama3_8b_70b.yaml)")
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: config)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default: config)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from splitllama import logs
 from splitllama.data.config import TOKENIZER_TYPES
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.errors import cli_main
@@ -27,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "a list: one number or null per token); also writes PREFIX_<key>_document_values.bin/.idx")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_<key>_document.bin/.idx")
     p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    p.add_argument("--tokenizer-model", default=None, help=".model file or HF directory")
+    p.add_argument("--tokenizer-model", default=None,
+                   help=".model file (sentencepiece, tiktoken), or HF directory or tokenizer.json file")
     p.add_argument("--vocab-size", type=int, default=None, help="null tokenizer vocab size")
     p.add_argument("--model-vocab-size", type=int, default=None,
                    help="fail if the tokenizer's vocab is larger than this")
@@ -37,11 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prepend-bos", action="store_true", help="start every document with BOS")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX_<key>_document.bin/.idx")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library diagnostics too")
     return p.parse_args(argv)
 
 
 def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logs.setup(args.verbose)
     spec = TokenizerSpec(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     stats = preprocess_jsonl(
         args.input, args.output_prefix, spec, json_key=args.json_key, workers=args.workers,

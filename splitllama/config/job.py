@@ -20,15 +20,24 @@ from splitllama.data.config import DataConfig
 
 @dataclass
 class JobConfig:
+    """The whole job: one typed section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The stitched model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # dotted keys set by the YAML file or the command line (not a config field)
+    """Logging."""
     explicit: set = field(default_factory=set, repr=False, compare=False)
+    """Dotted keys set by the YAML file or the command line (bookkeeping, not a config section)."""
 
     def to_dict(self) -> dict:
         d = {}
@@ -43,26 +52,40 @@ class JobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, hint: Any = Any) -> Any:
+    """A command-line value as the field's type reads it: a string field keeps the text as
+    typed (``data.split=98,2,0`` stays ``"98,2,0"``, not a tuple; quotes are dropped), and
+    ``null`` means None only where the field accepts None."""
+    optional = get_origin(hint) is Union and type(None) in get_args(hint)
+    target = _unwrap_optional(hint)
     low = text.lower()
+    if low in ("null", "none", "~") and (optional or hint is Any or target is Any):
+        return None
+    if target is str:
+        stripped = text.strip()
+        if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+            return stripped[1:-1]
+        return text
     if low in ("true", "false"):
         return low == "true"
-    if low in ("null", "none", "~"):
-        return None
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
 
 
+def _unwrap_optional(hint: Any) -> Any:
+    if get_origin(hint) is Union:
+        args = [a for a in get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else Any
+    return hint
+
+
 def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
     """Check/convert a value against the field's type hint; one clear error when it cannot."""
     if value is None:
         return None
-    target = hint
-    if get_origin(hint) is Union:
-        args = [a for a in get_args(hint) if a is not type(None)]
-        target = args[0] if len(args) == 1 else Any
+    target = _unwrap_optional(hint)
     if target is Any or target is object:
         return value
     if target is bool and not isinstance(value, bool):
@@ -80,7 +103,8 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
     return value
 
 
-def _apply(job: JobConfig, section: str, key: str, value: Any) -> None:
+def _apply(job: JobConfig, section: str, key: str, value: Any, text: Optional[str] = None) -> None:
+    """Set ``section.key`` to ``value`` (from YAML) or to the command-line ``text``."""
     sec_names = {f.name for f in fields(JobConfig)} - {"explicit"}
     if section not in sec_names:
         raise ValueError(f"unknown config section '{section}' (sections: {sorted(sec_names)})")
@@ -88,6 +112,8 @@ def _apply(job: JobConfig, section: str, key: str, value: Any) -> None:
     hints = get_type_hints(type(sec))
     if key not in hints:
         raise ValueError(f"unknown config key '{section}.{key}' (known: {sorted(hints)})")
+    if text is not None:
+        value = _parse_scalar(text, hints[key])
     setattr(sec, key, _coerce(section, key, hints[key], value))
     job.explicit.add(f"{section}.{key}")
 
@@ -111,7 +137,7 @@ def load_job_config(path: Optional[str] = None, overrides: Optional[list[str]] =
             raise ValueError(f"override '{item}' is not of the form section.key=value")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(job, section, key, _parse_scalar(text))
+        _apply(job, section, key, None, text=text)
     # re-resolve block presets / paths given as strings or dicts
     job.model.__post_init__()
     return job

@@ -24,18 +24,31 @@ class LlamaBlockConfig:
     """Shape and numerics of one source LLaMA model (only what SplitLlama uses)."""
 
     hidden_size: int
+    """Width of the residual stream."""
     intermediate_size: int
+    """Width of the SwiGLU MLP."""
     num_attention_heads: int
+    """Query heads."""
     num_key_value_heads: int
+    """Key/value heads (grouped-query attention)."""
     num_hidden_layers: int
+    """Layers of the source model (SplitLlama uses some of them)."""
     vocab_size: int = 128256
-    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    """Token ids 0..vocab_size-1 (both models must agree)."""
+    head_dim: Optional[int] = None
+    """Channels per head; null: hidden_size // num_attention_heads."""
     rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     rope_theta: float = 500000.0
-    rope_scaling: Optional[dict] = None  # HF form, e.g. {"rope_type": "llama3", "factor": 8, ...}
+    """RoPE base."""
+    rope_scaling: Optional[dict] = None
+    """HF rope_scaling, e.g. {rope_type: llama3, factor: 8, ...}; null: plain RoPE."""
     max_position_embeddings: int = 8192
+    """Longest sequence the model's positions support."""
     tie_word_embeddings: bool = False
+    """Share the embedding with the LM head (LLaMA-3: false)."""
     model_type: str = "llama"
+    """HF model_type; only llama is supported."""
 
     def __post_init__(self) -> None:
         if self.head_dim is None:  # normalise so equal shapes compare equal
@@ -159,17 +172,25 @@ class ModelConfig:
     """The stitched model: first `num_layers_lower` of `lower`, adapter, last `num_layers_upper` of `upper`."""
 
     lower: Any = "tiny_lower"
+    """Lower model (embedding + first layers): a preset (llama3_8b, llama31_8b, tiny_lower, ...), a HF config dir/file, or a mapping (below)."""
     upper: Any = "tiny_upper"
+    """Upper model (last layers + final norm + LM head): a preset (llama3_70b, llama31_70b, tiny_upper, ...), a HF config path or a mapping."""
     num_layers_lower: int = 2
+    """N: the first N layers of the lower model."""
     num_layers_upper: int = 3
+    """M: the last M layers of the upper model."""
     mlp: bool = False
-    path_lower: Optional[str] = None  # where the HF lower model lives (seed field path8b)
-    path_upper: Optional[str] = None  # seed field path70b
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    """Adapter: false = one linear lower->upper width; true = linear, ReLU, linear."""
+    path_lower: Optional[str] = None
+    """Where the HF lower model lives (the seed's path8b; recorded in exports)."""
+    path_upper: Optional[str] = None
+    """Where the HF upper model lives (the seed's path70b)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: auto (Transformer Engine when installed), local or transformer_engine."""
     init_method_std: float = 0.02
-    # Which parameters train: "none" (all train), "all_but_adapter" (adapter-only warmup),
-    # or "all_but:<comma-separated name substrings>" to keep extra groups (e.g. norms) trainable.
+    """Std of the normal initialisation of weights not loaded from a checkpoint."""
     freeze: str = "none"
+    """Which parameters train: none (all train), all (none train), all_but_adapter (adapter-only warmup), or all_but:<name substrings> (adapter plus matching parameters)."""
     head: str = "lm"
     """What follows the final norm. ``lm``: the upper model's LM head (vocab-parallel logits,
     cross-entropy on next tokens). ``value``: a critic — one ``Linear(h_upper -> 1, bias=True)``,

@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import Optional
 
+from splitllama import logs
 from splitllama.convert.progress import fmt_bytes
 from splitllama.errors import cli_main
 
@@ -29,6 +30,7 @@ VALUE_INIT_HELP = ("critic value head: zeros (weight and bias 0) or normal (weig
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="show library diagnostics too")
     sub = p.add_subparsers(dest="cmd", required=True)
     dtypes = ("auto", "bf16", "fp32", "fp16")
 
@@ -116,6 +118,7 @@ def run(args: argparse.Namespace) -> str:
 
 def _main(argv: Optional[list[str]]) -> int:
     args = _parser().parse_args(argv)
+    logs.setup(args.verbose)
     signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds: partial outputs are removed
     print(run(args))
     return 0

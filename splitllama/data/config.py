@@ -14,7 +14,7 @@ TOKENIZER_TYPES = ("null", "sentencepiece", "huggingface", "tiktoken")
 
 @dataclass
 class DataConfig:
-    """Where training samples come from and how they are shaped.
+    """Training data: synthetic (mock) or tokenized files, sample length, tokenizer.
 
     (``Optional[...]`` rather than ``X | None``: the job-config loader unwraps typing.Union.)
 
@@ -27,24 +27,31 @@ class DataConfig:
     mock: bool = True
     """Use synthetic data instead of ``data_path``."""
     mock_pattern: bool = False
-    """With ``mock``: use :class:`LearnableMockDataset` (a learnable affine token pattern)
-    instead of Megatron's ``MockGPTDataset`` (token ``i`` at position ``i``)."""
+    """Kind of synthetic data when ``mock`` is on: a learnable affine token pattern
+    (:class:`LearnableMockDataset`) instead of Megatron's ``MockGPTDataset`` (token ``i`` at
+    position ``i``). Not read when ``mock`` is off."""
     data_path: list[str] = field(default_factory=list)
+    """Megatron blend: [prefix], [prefix1, prefix2] (weighted by size) or [w1, prefix1, w2, prefix2]."""
     split: str = "969,30,1"
     """Train/valid/test weights over the documents of each prefix (Megatron ``--split``)."""
     seq_length: int = 128
+    """Tokens per training sample."""
     tokenizer_type: str = "null"
+    """null (ids as text; vocab_size ids), sentencepiece, huggingface or tiktoken."""
     tokenizer_model: Optional[str] = None
-    """``.model`` file (sentencepiece, tiktoken) or directory (huggingface)."""
+    """``.model`` file (sentencepiece, tiktoken), or a directory or ``tokenizer.json`` file (huggingface)."""
     vocab_size: Optional[int] = None
     """Vocabulary size of the ``null`` tokenizer (ids ``0..vocab_size-1``, EOD = vocab_size-1)."""
     num_workers: int = 0
     """torch DataLoader worker processes."""
     reset_position_ids: bool = False
+    """Restart position ids after each end-of-document token."""
     reset_attention_mask: bool = False
+    """Stop attention across end-of-document tokens."""
     eod_mask_loss: bool = False
+    """Exclude end-of-document tokens from the loss."""
     cache_dir: Optional[str] = None
-    """Megatron ``path_to_cache`` for the sample/shuffle indices; None = next to the data."""
+    """Megatron ``path_to_cache`` for the sample/shuffle indices; null: next to the data."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -66,8 +73,6 @@ class DataConfig:
             raise ValueError(f"data.seq_length must be >= 1 (got {self.seq_length})")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0 (got {self.num_workers})")
-        if self.mock_pattern and not self.mock:
-            raise ValueError("data.mock_pattern=True needs data.mock=True")
         if self.mock and self.data_path:
             raise ValueError(
                 "data.data_path is set but data.mock=True; set data.mock=false to train on "

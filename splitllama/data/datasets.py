@@ -96,6 +96,7 @@ def build_datasets(
         prefixes, weights = parse_blend(cfg.data_path)
         for prefix in prefixes:
             check_prefix(prefix, seq, cfg.split)
+            check_token_ids(prefix, tokenizer.vocab_size, f"data.tokenizer_type={cfg.tokenizer_type!r}")
         blend = (prefixes, weights)
         cls = GPTDataset
         if value_targets:
@@ -196,13 +197,54 @@ def check_prefix(prefix: str, seq_length: int, split: str) -> None:
             f"(seq_length + 1 = {seq_length + 1})"
         )
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds in zip(SPLIT_NAMES, matrix):
+    for i, (name, bounds) in enumerate(zip(SPLIT_NAMES, matrix)):
         if bounds is None:
             continue
         beg, end = int(round(bounds[0] * n_docs)), int(round(bounds[1] * n_docs))
         if int(lengths[beg:end].sum()) == 0:
             raise ValueError(
                 f"dataset prefix {prefix!r}: split {split!r} gives the {name} split documents "
-                f"[{beg}, {end}) of {n_docs}, which hold no tokens; use more documents or a "
-                f"split giving {name} weight 0 (e.g. '98,2,0')"
+                f"[{beg}, {end}) of {n_docs}, which hold no tokens; use more documents or "
+                f"{_split_fix(split, i, n_docs)}"
             )
+
+
+def _split_fix(split: str, empty: int, n_docs: int) -> str:
+    """A data.split that gives split number ``empty`` weight 0, or (valid/test) one document."""
+    weights = [p.strip() for p in split.split(",")] + ["0"] * (3 - len(split.split(",")))
+    zero = ",".join("0" if j == empty else w for j, w in enumerate(weights))
+    if empty == 0 or n_docs < 2:
+        return f"a split giving the {SPLIT_NAMES[empty]} split weight 0 (data.split={zero})"
+    one = ",".join(str(n_docs - 1) if j == 0 else "1" if j == empty else "0" for j in range(3))
+    return (f"data.split={zero} (no {SPLIT_NAMES[empty]} split) or data.split={one} (one "
+            f"{SPLIT_NAMES[empty]} document)")
+
+
+SCAN_TOKENS = 1 << 26
+"""check_token_ids reads at most this many tokens of each prefix (64M: about 0.1 s)."""
+
+
+def check_token_ids(prefix: str, vocab_size: int, what: str = "the tokenizer",
+                    max_tokens: int = SCAN_TOKENS) -> None:
+    """Raise ValueError when the first ``max_tokens`` tokens of ``prefix`` hold an id
+    ``>= vocab_size`` (data tokenized with a larger vocabulary than the run's; the embedding
+    lookup would fail with an IndexError). The training step checks every batch as well."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    indexed = IndexedDataset(prefix)
+    dtype = indexed.index.dtype
+    del indexed
+    data = numpy.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    end = min(len(data), max_tokens)
+    for start in range(0, end, 1 << 22):
+        chunk = data[start:min(start + (1 << 22), end)]
+        top = int(chunk.max()) if len(chunk) else 0
+        if top >= vocab_size:
+            pos = start + int(numpy.argmax(chunk >= vocab_size))
+            raise ValueError(
+                f"dataset prefix {prefix!r} holds token id {int(data[pos])} (token {pos} of the "
+                f".bin) but {what} has vocab_size {vocab_size}: the data was tokenized with a "
+                f"larger vocabulary; set data.tokenizer_type/tokenizer_model to that tokenizer and "
+                f"use a model whose vocab_size is > {top}"
+            )
+    del data

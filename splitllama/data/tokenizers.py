@@ -110,20 +110,41 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode([int(i) for i in ids])
 
 
+# End-of-text tokens looked for when a bare tokenizer.json comes without a tokenizer_config.json
+_EOS_CANDIDATES = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<eos>")
+
+
 class HuggingFaceTokenizer(Tokenizer):
-    """A local HF tokenizer directory (tokenizer.json etc.), loaded with local files only."""
+    """A local HF tokenizer: a directory (tokenizer.json, tokenizer_config.json, ...) or a
+    ``tokenizer.json`` file, loaded with local files only. A file's special tokens come from
+    a ``tokenizer_config.json`` next to it, else eos is the first known end-of-text token."""
 
     def __init__(self, path: str) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"huggingface tokenizer directory not found: {path}")
+        if os.path.isdir(path):
+            self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        elif os.path.isfile(path):
+            folder = os.path.dirname(os.path.abspath(path))
+            if (os.path.basename(path) == "tokenizer.json"
+                    and os.path.isfile(os.path.join(folder, "tokenizer_config.json"))):
+                self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            else:
+                self._tok = PreTrainedTokenizerFast(tokenizer_file=path)
+                if self._tok.eos_token_id is None:
+                    vocab = self._tok.get_vocab()
+                    found = next((t for t in _EOS_CANDIDATES if t in vocab), None)
+                    if found is not None:
+                        self._tok.eos_token = found
+        else:
+            raise FileNotFoundError(f"huggingface tokenizer not found: {path} (expected a directory "
+                                    f"or a tokenizer.json file)")
         super().__init__(path=os.path.abspath(path))
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.vocab_size = len(self._tok)
         eos = self._tok.eos_token_id
         if eos is None:
-            raise ValueError(f"huggingface tokenizer {path} defines no eos token")
+            raise ValueError(f"huggingface tokenizer {path} defines no eos token (none of "
+                             f"{list(_EOS_CANDIDATES)} is in its vocabulary)")
         self.eod = int(eos)
         self.bos = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
 

@@ -78,5 +78,6 @@ def block_config(model: ModelConfig, which: str, parallel: ParallelConfig,
         use_cpu_initialization=numerics.use_cpu_initialization,
         batch_p2p_comm=False,
         hetereogenous_dist_checkpoint=True,  # per-layer checkpoint keys: N and M may change
+        cuda_graph_scope=[],  # = the whole layer; core 0.16's default "full" is deprecated (warns)
         **kwargs,
     )

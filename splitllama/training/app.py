@@ -1,11 +1,9 @@
 """The training application: config -> runtime -> (load) -> train or evaluate."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from typing import Optional
 
 import torch.distributed as dist
@@ -13,7 +11,8 @@ import torch.distributed as dist
 from splitllama.checkpoint import dcp_metadata
 from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint.lock import DirLock
-from splitllama.config.job import JobConfig, load_job_config, normalize_argv
+from splitllama.config.cli import parse_train_args
+from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
@@ -22,7 +21,8 @@ from splitllama.errors import cli_main
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
 from splitllama.platform.lifecycle import die_with_launcher
-from splitllama.training import checkpoint, preflight, resume, signals
+from splitllama import logs
+from splitllama.training import checkpoint, preflight, report, resume, signals
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 
@@ -32,11 +32,7 @@ FIELD_DEFAULTS = {"head": "lm"}  # checkpoints written before the field existed
 
 
 def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
-    p = argparse.ArgumentParser(description="Train a SplitLlama model on Megatron-Core. "
-                                "Overrides: section.key=value or --section.key value")
-    p.add_argument("--config", default=None, help="YAML file of overrides (e.g. configs/tiny.yaml)")
-    args, rest = p.parse_known_args(normalize_argv(list(sys.argv[1:] if argv is None else argv)))
-    return load_job_config(args.config, rest)
+    return parse_train_args(argv)
 
 
 def adopt_checkpoint_model(job: JobConfig) -> None:
@@ -127,11 +123,9 @@ def run(job: JobConfig) -> int:
 def _run(job: JobConfig, layout, tok) -> int:
     rt = build_runtime(job, layout)
     rank0 = dist.get_rank() == 0
+    stages = report.stage_params(rt)  # collective
     if rank0:
-        print("resolved config:\n" + job.to_yaml(), flush=True)
-        print(f"pipeline layout: {rt.layout} | tp={job.parallel.tensor_model_parallel_size} "
-              f"pp={job.parallel.pipeline_model_parallel_size} dp={rt.dp_size} | "
-              f"micro-batches/step {rt.num_microbatches}", flush=True)
+        print(report.startup(rt, stages), flush=True)
     if job.checkpoint.load:
         checkpoint.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
     make_valid = setup_data(rt, tok)
@@ -145,17 +139,20 @@ def _run(job: JobConfig, layout, tok) -> int:
     return train(rt, flops_per_iteration(job), make_valid)
 
 
-def _main(argv: Optional[list[str]]) -> int:
+def _main(argv: Optional[list[str]], job: Optional[JobConfig]) -> int:
     die_with_launcher()  # under torchrun / the SLURM task wrapper: never outlive it
     signals.install()  # first: a preemption signal during start-up is honoured at the first step
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    job = parse_args(argv)
+    if job is None:
+        job = parse_args(argv)
+        logs.setup(job.logging.verbose)
     try:
         return run(job)
     finally:
         shutdown()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """Bad input: one `error: ...` line from rank 0, exit 2 (see splitllama.errors)."""
-    return cli_main(_main, argv)
+def main(argv: Optional[list[str]] = None, job: Optional[JobConfig] = None) -> int:
+    """Run a job from a command line, or an already parsed `job` (splitllama.training.entry
+    parses it before Megatron is imported: prefer that entry point). Bad input: one
+    `error: ...` line from rank 0, exit 2 (see splitllama.errors)."""
+    return cli_main(_main, argv, job)

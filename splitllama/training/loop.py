@@ -103,6 +103,20 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
+def save_checkpoint(rt, root: str) -> str:
+    """checkpoint.save (collective) plus one line on rank 0 saying what went where."""
+    t0 = time.time()
+    path = checkpoint.save(rt, root)
+    if dist.get_rank() == 0:
+        if rt.job.checkpoint.async_save:
+            print(f"checkpoint of iteration {rt.state.iteration} being written in the background "
+                  f"-> {path}", flush=True)
+        else:
+            print(f"checkpoint saved: iteration {rt.state.iteration} -> {path} "
+                  f"({time.time() - t0:.1f} s)", flush=True)
+    return path
+
+
 def _on_signal(rt, rank0: bool) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
@@ -160,22 +174,25 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
             if st.iteration % job.logging.log_interval == 0 or st.iteration == total:
                 elapsed = time.time() - t_window
                 per_iter = elapsed / n_window
-                tflops = flops_per_iteration / per_iter / world / 1e12
+                # a CPU run has no accelerator to divide model FLOPs by: tokens/s and step time only
+                tflops = None if rt.on_cpu else flops_per_iteration / per_iter / world / 1e12
                 rec = {"iteration": st.iteration, "consumed_tokens": st.consumed_train_samples * job.data.seq_length,
                        "loss": loss, "lr": rt.scheduler.get_lr(rt.optimizer.param_groups[0]) if
                        rt.optimizer.param_groups else 0.0,
                        "grad_norm": None if grad_norm is None else float(grad_norm),
                        "skipped_iterations": st.skipped_iterations, "step_time_s": per_iter,
                        "tokens_per_s": tokens_per_iter / per_iter, "tflops_per_gpu": tflops,
-                       "mfu": (tflops / peak) if peak else None}
+                       "mfu": (tflops / peak) if peak and tflops is not None else None}
                 sink.write(rec)
                 if rank0:
                     eta = f" | ETA {(total - st.iteration) * per_iter:.0f}s" if job.logging.progress else ""
                     mfu = f"{rec['mfu'] * 100:.1f}%" if peak else "n/a (no known peak)"
                     gn = "nan" if grad_norm is None else f"{float(grad_norm):.3f}"
+                    speed = (f"{per_iter:.3f} s/iter" if tflops is None else
+                             f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu}")
                     print(f"iter {st.iteration:>6}/{total} | loss {loss:.4f} | lr {rec['lr']:.3e} | "
                           f"grad_norm {gn} | skipped {st.skipped_iterations} | {rec['tokens_per_s']:.0f} tok/s | "
-                          f"{tflops:.3f} TFLOP/s/GPU | MFU {mfu}{eta}", flush=True)
+                          f"{speed}{eta}", flush=True)
                 t_window, n_window = time.time(), 0
             if tr.eval_interval and make_valid_iter and st.iteration % tr.eval_interval == 0:
                 val = evaluate(rt, make_valid_iter(), tr.eval_iters)
@@ -184,13 +201,13 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
             ck = job.checkpoint
             if ck.save and ck.save_interval and st.iteration % ck.save_interval == 0:
-                checkpoint.save(rt, ck.save)
+                save_checkpoint(rt, ck.save)
             if stop_after is not None and st.iteration >= stop_after and st.iteration < total:
                 if ck.save:
-                    checkpoint.save(rt, ck.save)
+                    save_checkpoint(rt, ck.save)
                 return 0
         if job.checkpoint.save and (not job.checkpoint.save_interval or st.iteration % job.checkpoint.save_interval):
-            checkpoint.save(rt, job.checkpoint.save)
+            save_checkpoint(rt, job.checkpoint.save)
         if rank0:
             print(f"done: {st.iteration - start_iter} iterations this run, {st.skipped_iterations} skipped", flush=True)
         return 0

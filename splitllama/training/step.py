@@ -42,8 +42,24 @@ def get_batch(data_iterator: Optional[Iterator], model: SplitLlamaModel) -> dict
     if data_iterator is None:  # middle stages read no data
         return {}
     batch = next(data_iterator)
+    check_batch_ids(batch, model.model_cfg.vocab_size)
     dev = cpu.device()
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def check_batch_ids(batch: dict, vocab_size: int) -> None:
+    """Refuse token ids the embedding / LM head cannot hold, with both numbers (checked on the
+    host copy of the batch: no device synchronisation)."""
+    for key in ("tokens", "labels"):
+        t = batch.get(key)
+        if isinstance(t, torch.Tensor) and t.numel():
+            top = int(t.max())
+            if top >= vocab_size or int(t.min()) < 0:
+                bad = top if top >= vocab_size else int(t.min())
+                raise ValueError(f"data: a batch holds token id {bad} in '{key}', outside the model's "
+                                 f"vocabulary [0, {vocab_size}) (model vocab_size {vocab_size}); "
+                                 f"tokenize the data with the model's tokenizer or use a model "
+                                 f"whose vocab_size is > {bad}")
 
 
 def forward_step(data_iterator, model):

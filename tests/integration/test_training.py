@@ -60,6 +60,7 @@ def test_exact_resume_after_kill9(tmp_path, nproc, extra):
                            f"logging.metrics_file={m2}", *extra])
     resumed = apprun.losses(m2)
     assert sorted(resumed) == list(range(11, 21)), p.stdout[-2000:]
+    assert (p.stdout + p.stderr).count("resumed from") == 1  # once, from rank 0 (issue 10)
     for i in range(11, 21):
         assert abs(resumed[i] - straight[i]) <= 1e-6 * abs(straight[i]), (i, resumed[i], straight[i])
 

@@ -192,6 +192,18 @@ def test_huggingface_directory(tmp_path):
     assert (tok.bos, tok.eod) == (0, 1)
     ids = tok.tokenize("llama pipeline, data!")
     assert 0 not in ids and 1 not in ids and tok.detokenize(ids) == "llama pipeline, data!"
+    # the tokenizer.json file works as well as its directory (issue 10): next to its
+    # tokenizer_config.json, and bare (eos = the first known end-of-text token it holds)
+    from_file = build_tokenizer(DataConfig(tokenizer_type="huggingface",
+                                           tokenizer_model=str(tmp_path / "tokenizer.json")))
+    assert from_file.tokenize("llama pipeline, data!") == ids and from_file.eod == 1
+    (tmp_path / "bare").mkdir()
+    raw.save(str(tmp_path / "bare" / "tokenizer.json"))
+    bare = build_tokenizer(DataConfig(tokenizer_type="huggingface",
+                                      tokenizer_model=str(tmp_path / "bare" / "tokenizer.json")))
+    assert bare.tokenize("llama pipeline, data!") == ids and bare.eod == 1  # "</s>"
+    with pytest.raises(FileNotFoundError, match="expected a directory or a tokenizer.json file"):
+        build_tokenizer(DataConfig(tokenizer_type="huggingface", tokenizer_model=str(tmp_path / "no.json")))
 
 
 # ----------------------------------------------------------------------------- datasets
