@@ -162,6 +162,12 @@ class ModelConfig:
     path_lower: Optional[str] = None  # where the HF lower model lives (seed field path8b)
     path_upper: Optional[str] = None  # seed field path70b
     transformer_impl: str = "auto"  # auto | local | transformer_engine
+    attention_backend: str = "auto"
+    """Core attention: ``auto`` (Transformer Engine's with the TE layer spec, else ``sdpa``),
+    ``sdpa`` (torch scaled_dot_product_attention: flash-class kernels, no [s, s] scores; causal,
+    document masks and variable-length packed sequences), ``local`` (Megatron-Core's
+    DotProductAttention: materialises [b, h, s, s] scores; takes document masks, not packed
+    sequences) or ``transformer_engine`` (needs ``transformer_impl=transformer_engine``)."""
     init_method_std: float = 0.02
     # Which parameters train: "none" (all train), "all_but_adapter" (adapter-only warmup),
     # or "all_but:<comma-separated name substrings>" to keep extra groups (e.g. norms) trainable.
@@ -189,6 +195,9 @@ class ModelConfig:
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ValueError(f"model.transformer_impl must be auto|local|transformer_engine, "
                              f"got '{self.transformer_impl}'")
+        if self.attention_backend not in ("auto", "sdpa", "local", "transformer_engine"):
+            raise ValueError(f"model.attention_backend must be auto|sdpa|local|transformer_engine, "
+                             f"got '{self.attention_backend}'")
         for name, n, blk in (("num_layers_lower", self.num_layers_lower, self.lower),
                              ("num_layers_upper", self.num_layers_upper, self.upper)):
             if not 1 <= n <= blk.num_hidden_layers:

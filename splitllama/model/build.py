@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 
 from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
+from splitllama.model.attention import resolve_backend
 from splitllama.model.megatron_config import Numerics, block_config
 from splitllama.model.model import SplitLlamaModel
 from splitllama.model.spec import resolve_impl
@@ -23,6 +24,7 @@ class BuiltModel:
     model: SplitLlamaModel
     layout: PipelineLayout
     impl: str
+    attention_backend: str = "local"
 
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
@@ -38,7 +40,9 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Nume
     if stage is None:
         stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
     impl = resolve_impl(model_cfg.transformer_impl)
+    backend = resolve_backend(model_cfg.attention_backend, impl)
     numerics.transformer_engine = impl == "transformer_engine"
     lower = block_config(model_cfg, "lower", parallel, layout, numerics)
     upper = block_config(model_cfg, "upper", parallel, layout, numerics)
-    return BuiltModel(SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl), layout, impl)
+    model = SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl, backend)
+    return BuiltModel(model, layout, impl, backend)
