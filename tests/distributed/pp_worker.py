@@ -5,7 +5,7 @@ through the mapping table, runs one forward/backward over a fixed global batch, 
   - every stage, TP rank 0: gradients (un-sharded, HF names) of the parameters it owns
   - every rank: the global names and sizes of the parameters it built
 Usage: torchrun --nproc-per-node W pp_worker.py SPEC.json
-SPEC: {"cases": [{"name", "hf_dir", "tokens", "out_dir", "tp", "pp", "layout", "sp"}]}
+SPEC: {"cases": [{"name", "hf_dir", "tokens", "out_dir", "tp", "pp", "layout", "sp", "backend"}]}
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def run_case(case: dict) -> None:
     with open(f"{case['hf_dir']}/config.json") as f:
         model_cfg = ModelConfig.from_seed_dict(json.load(f))
     model_cfg.transformer_impl = "local"
+    model_cfg.attention_backend = case.get("backend", "local")
     tokens = load_file(case["tokens"])["tokens"]
     n_mb, seq = tokens.shape[0], tokens.shape[1] - 1
     job = JobConfig(model=model_cfg)
@@ -45,6 +46,9 @@ def run_case(case: dict) -> None:
     job.train.micro_batch_size, job.train.global_batch_size = 1, n_mb
     job.data.seq_length = seq
     rt = build_runtime(job)
+    for blk in (getattr(rt.inner, b) for b in ("lower", "upper") if hasattr(rt.inner, b)):
+        core = type(blk.layers[0].self_attention.core_attention).__name__
+        assert core == {"local": "DotProductAttention", "sdpa": "SDPAttention"}[model_cfg.attention_backend], core
     tp_rank, stage = ps.get_tensor_model_parallel_rank(), rt.inner.stage
     full = hf_to_mcore(load_file(f"{case['hf_dir']}/model.safetensors"), model_cfg)
     load_full_weights(rt.inner, full, model_cfg, rt.layout, stage, case["tp"], tp_rank)
