@@ -7,7 +7,6 @@ SPEC: {"cases": [{"name", "prefix", "seq", "backend", "reset": bool, "out"}]}
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -49,12 +48,7 @@ def run_case(case: dict) -> None:
         save_file({"loss": out[0]["loss"].contiguous()}, case["out"])
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
-    for case in spec["cases"]:
-        run_case(case)
-
-
 if __name__ == "__main__":
-    main()
+    from tests.distributed.pp_worker import run_spec
+
+    run_spec(run_case, sys.argv[1])

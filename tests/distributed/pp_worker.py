@@ -17,6 +17,7 @@ import os
 import sys
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -151,12 +152,13 @@ def mcore_to_hf_partial(grads: dict, cfg) -> dict:
     return out
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
+def run_spec(run: Callable[[dict], None], path: str) -> None:
+    """Run every case of the SPEC.json at `path` with `run`."""
+    with open(path) as f:
         spec = json.load(f)
     for case in spec["cases"]:
-        run_case(case)
+        run(case)
 
 
 if __name__ == "__main__":
-    main()
+    run_spec(run_case, sys.argv[1])
