@@ -103,20 +103,21 @@ def _build(shape, backend: str, cuda: bool):
     return blk, build_rotary(shape, not cuda), dtype
 
 
-def _step(blk, rope, x, packed=None) -> float:
-    """One fwd + bwd; wall seconds (synchronised on CUDA)."""
+def _step(blk, rope, x, packed=None, clock=time.perf_counter) -> float:
+    """One fwd + bwd in seconds of `clock` (wall, synchronised on CUDA; or on CPU
+    time.process_time: CPU seconds of all threads, far less disturbed by other jobs' load)."""
     import torch
 
     cuda = x.is_cuda
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     pos = rope(packed.max_seqlen_q if packed is not None else x.size(0))
     y = blk(x, attention_mask=None, rotary_pos_emb=pos, packed_seq_params=packed)
     y.backward(torch.ones_like(y))
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def layer_flops(shape, seq: int) -> float:
@@ -129,7 +130,8 @@ def layer_flops(shape, seq: int) -> float:
     return u.fwd_flops + u.bwd_flops
 
 
-def part_layer(shapes: dict, seqs: list[int], backends: list[str], reps: int, warmup: int, cuda: bool) -> list:
+def part_layer(shapes: dict, seqs: list[int], backends: list[str], reps: int, warmup: int, cuda: bool,
+               clock=time.perf_counter) -> list:
     import torch
 
     rows = []
@@ -144,7 +146,7 @@ def part_layer(shapes: dict, seqs: list[int], backends: list[str], reps: int, wa
                     blk, rope, dtype = blocks[b]
                     x = torch.randn(seq, 1, shape.hidden_size, device=dev, dtype=dtype, requires_grad=True)
                     with _Peak(cuda) as pk:
-                        t = _step(blk, rope, x)
+                        t = _step(blk, rope, x, clock=clock)
                     del x
                     blk.zero_grad(set_to_none=True)
                     if rep >= warmup:
@@ -170,7 +172,8 @@ def length_mix(n: int, max_len: int, seed: int = 0) -> list[int]:
     return [int(v) for v in numpy.clip(rng.lognormal(numpy.log(300), 1.0, n), 16, max_len)]
 
 
-def part_mix(shape, lengths: list[int], pack_length: int, batch: int, reps: int, cuda: bool) -> dict:
+def part_mix(shape, lengths: list[int], pack_length: int, batch: int, reps: int, cuda: bool,
+             clock=time.perf_counter) -> dict:
     import torch
 
     from splitllama.data.packing import greedy_pack, packed_seq_params
@@ -189,7 +192,7 @@ def part_mix(shape, lengths: list[int], pack_length: int, batch: int, reps: int,
             if static and cu[-1] < pack_length:
                 cu.append(pack_length)  # static shape: the tail is one padding segment
             x = torch.randn(cu[-1], 1, h, device=dev, dtype=dtype, requires_grad=True)
-            t += _step(blk, rope, x, packed_seq_params(torch.tensor(cu, dtype=torch.int32, device=dev)))
+            t += _step(blk, rope, x, packed_seq_params(torch.tensor(cu, dtype=torch.int32, device=dev)), clock)
         return t
 
     def run_padded(to_max: bool):
@@ -198,7 +201,7 @@ def part_mix(shape, lengths: list[int], pack_length: int, batch: int, reps: int,
             group = lengths[i:i + batch]
             s = pack_length if to_max else max(group)
             x = torch.randn(s, len(group), h, device=dev, dtype=dtype, requires_grad=True)
-            t += _step(blk, rope, x)
+            t += _step(blk, rope, x, clock=clock)
         return t
 
     ways = {"packed": lambda: run_packed(True), "packed_variable_length": lambda: run_packed(False),
@@ -270,6 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pack-length", type=int, default=2048)
     ap.add_argument("--mix-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="on CPU time steps in process CPU seconds (robust to other jobs' load)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention[_cuda].json)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -289,6 +294,7 @@ def main(argv=None) -> int:
         os.environ["SPLITLLAMA_DEVICE"] = "cpu"
     if a.threads:
         torch.set_num_threads(a.threads)
+    clock = time.process_time if a.cpu_time and not cuda else time.perf_counter
     from splitllama.config.parallel import ParallelConfig
     from splitllama.platform.dist import init_distributed, shutdown
 
@@ -296,11 +302,12 @@ def main(argv=None) -> int:
     shapes = _shapes(a.shapes or ("real" if cuda else "scaled"))
     seqs = [int(s) for s in (a.seqs or ("4096,8192" if cuda else "1024,2048,4096")).split(",")]
     parts = a.parts.split(",")
-    rows = part_layer(shapes, seqs, a.backends.split(","), a.reps, a.warmup, cuda) if "layer" in parts else []
+    rows = part_layer(shapes, seqs, a.backends.split(","), a.reps, a.warmup, cuda, clock) if "layer" in parts else []
     mix = None
     if "mix" in parts:
         shape = next(iter(shapes.values()))
-        mix = part_mix(shape, length_mix(a.mix_docs, a.pack_length), a.pack_length, a.mix_batch, a.reps, cuda)
+        mix = part_mix(shape, length_mix(a.mix_docs, a.pack_length), a.pack_length, a.mix_batch, a.reps,
+                       cuda, clock)
     print(table(rows, mix), flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),

@@ -1,7 +1,7 @@
 """Variable-length packing: whole short documents packed greedily into ``seq_length`` tokens.
 
-With ``data.packed_sequences`` each training sample is a run of whole documents (in a seeded
-shuffled order) laid back to back, each document contributing its inputs ``doc[:-1]`` and labels
+With ``data.packed_sequences`` each training sample is a run of whole documents (first-fit
+packing of a seeded shuffled order, `greedy_pack`) laid back to back, each document contributing its inputs ``doc[:-1]`` and labels
 ``doc[1:]`` (a document longer than ``seq_length + 1`` tokens is truncated). The unused tail is
 one padding segment with loss mask 0, so every sample has exactly ``seq_length`` tokens: static
 activation shapes, so the pipeline's fixed p2p shapes keep working.
@@ -30,22 +30,29 @@ class DocumentSource(Protocol):
     def get(self, idx: int, offset: int = 0, length: Optional[int] = None) -> numpy.ndarray: ...
 
 
-def greedy_pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Indices into `lengths` grouped into bins of total ≤ `capacity`, in order: a bin closes
-    when the next item does not fit. Items longer than `capacity` get a bin of their own
-    (the caller truncates them)."""
+def greedy_pack(lengths: Sequence[int], capacity: int, window: int = 64) -> list[list[int]]:
+    """Indices into `lengths` grouped into bins of total ≤ `capacity`: first fit, each item
+    (in order) goes into the oldest of the last `window` open bins it fits in, else a new bin
+    (the window bounds the work at O(n · window) for corpora of millions of documents). Items
+    longer than `capacity` get a bin of their own (the caller truncates them). Bins come back
+    in the order they were opened; items in a bin keep their order."""
     bins: list[list[int]] = []
-    cur: list[int] = []
-    used = 0
+    room: list[int] = []
+    open_bins: list[int] = []  # indices into bins, oldest first
     for i, n in enumerate(lengths):
         n = min(int(n), capacity)
-        if cur and used + n > capacity:
-            bins.append(cur)
-            cur, used = [], 0
-        cur.append(i)
-        used += n
-    if cur:
-        bins.append(cur)
+        target = next((b for b in open_bins if room[b] >= n), None)
+        if target is None:
+            bins.append([])
+            room.append(capacity)
+            target = len(bins) - 1
+            open_bins.append(target)
+            if len(open_bins) > window:
+                open_bins.pop(0)
+        bins[target].append(i)
+        room[target] -= n
+        if room[target] == 0:
+            open_bins.remove(target)
     return bins
 
 

@@ -89,7 +89,8 @@ def test_backend_resolution_and_refusals():
 
 
 def test_greedy_pack_and_sample_layout():
-    assert greedy_pack([5, 3, 4, 9, 2], 10) == [[0, 1], [2], [3], [4]]
+    assert greedy_pack([5, 3, 4, 9, 2], 10) == [[0, 1, 4], [2], [3]]  # first fit
+    assert greedy_pack([5, 3, 4, 9, 2], 10, window=1) == [[0, 1], [2], [3], [4]]  # next fit
     assert greedy_pack([12], 10) == [[0]]  # too long: a bin of its own (truncated by pack_sample)
     eod = 99
     docs = [np.array([1, 2, 3, eod]), np.array([4, 5, eod])]
