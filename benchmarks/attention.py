@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="local,sdpa")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--parts", default="layer,mix")
+    ap.add_argument("--parts", default="layer,mix", help="layer,mix; one part alone keeps the other from --out")
     ap.add_argument("--mix-docs", type=int, default=64)
     ap.add_argument("--pack-length", type=int, default=2048)
     ap.add_argument("--mix-batch", type=int, default=4)
@@ -308,12 +308,20 @@ def main(argv=None) -> int:
         shape = next(iter(shapes.values()))
         mix = part_mix(shape, length_mix(a.mix_docs, a.pack_length), a.pack_length, a.mix_batch, a.reps,
                        cuda, clock)
+    out = a.out or os.path.join(REPO, "benchmarks", "results", f"attention{'_cuda' if cuda else ''}.json")
+    kept = {}
+    if os.path.exists(out) and set(parts) != {"layer", "mix"}:  # re-run one part, keep the other
+        with open(out) as f:
+            old = json.load(f)
+        kept = {k: old[k] for k in ("layer", "mix") if k not in parts and old.get(k)}
+        kept.update({f"{k}_run": old.get(f"{k}_run") or {x: old.get(x) for x in ("date", "loadavg", "args")}
+                     for k in kept})
+        rows, mix = kept.get("layer", rows), kept.get("mix", mix)
     print(table(rows, mix), flush=True)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
-              "args": vars(a), "layer": rows, "mix": mix}
-    out = a.out or os.path.join(REPO, "benchmarks", "results", f"attention{'_cuda' if cuda else ''}.json")
+              "args": vars(a), **kept, "layer": rows, "mix": mix}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -125,11 +125,16 @@ class SDPAttention(MegatronModule):
         if cu[0] != 0 or cu[-1] != query.size(0):
             raise ValueError(f"packed_seq_params.cu_seqlens_q spans [{cu[0]}, {cu[-1]}) but the "
                              f"packed sequence has {query.size(0)} tokens")
+        lengths = [end - start for start, end in zip(cu[:-1], cu[1:])]
+        if min(lengths) < 0:
+            raise ValueError(f"packed_seq_params.cu_seqlens_q is not non-decreasing: {cu}")
+        # torch.split, not slicing: its backward is one concatenation of the segments' grads
+        # (slices would each zero-fill a full-size gradient)
         outs = []
-        for start, end in zip(cu[:-1], cu[1:]):
-            if end <= start:
+        for q, k, v in zip(*(torch.split(t, lengths) for t in (query, key, value))):
+            if q.size(0) == 0:
                 continue
-            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             outs.append(self._sdpa(q, k, v, causal=True)[0].transpose(0, 1))
         return torch.cat(outs, dim=0).reshape(query.size(0), -1)
 
