@@ -187,6 +187,12 @@ class ModelConfig:
     """Where the HF upper model lives (the seed's path70b)."""
     transformer_impl: str = "auto"
     """Layer implementation: auto (Transformer Engine when installed), local or transformer_engine."""
+    attention_backend: str = "auto"
+    """Core attention: ``auto`` (Transformer Engine's with the TE layer spec, else ``sdpa``),
+    ``sdpa`` (torch scaled_dot_product_attention: flash-class kernels, no [s, s] scores; causal,
+    document masks and variable-length packed sequences), ``local`` (Megatron-Core's
+    DotProductAttention: materialises [b, h, s, s] scores; takes document masks, not packed
+    sequences) or ``transformer_engine`` (needs ``transformer_impl=transformer_engine``)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of weights not loaded from a checkpoint."""
     freeze: str = "none"
@@ -223,6 +229,9 @@ class ModelConfig:
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ValueError(f"model.transformer_impl must be auto|local|transformer_engine, "
                              f"got '{self.transformer_impl}'")
+        if self.attention_backend not in ("auto", "sdpa", "local", "transformer_engine"):
+            raise ValueError(f"model.attention_backend must be auto|sdpa|local|transformer_engine, "
+                             f"got '{self.attention_backend}'")
         for name, n, blk in (("num_layers_lower", self.num_layers_lower, self.lower),
                              ("num_layers_upper", self.num_layers_upper, self.upper)):
             if not 1 <= n <= blk.num_hidden_layers:

@@ -45,11 +45,18 @@ class DataConfig:
     num_workers: int = 0
     """torch DataLoader worker processes."""
     reset_position_ids: bool = False
-    """Restart position ids after each end-of-document token."""
+    """RoPE positions restart after every EOD token (Megatron ``--reset-position-ids``); both
+    blocks honour them."""
     reset_attention_mask: bool = False
-    """Stop attention across end-of-document tokens."""
+    """Attention does not cross EOD tokens: causal within each document (Megatron
+    ``--reset-attention-mask``); ``sdpa`` and ``local`` attention honour it."""
     eod_mask_loss: bool = False
-    """Exclude end-of-document tokens from the loss."""
+    """No loss on EOD labels (Megatron ``--eod-mask-loss``)."""
+    packed_sequences: bool = False
+    """Samples are whole documents (of one ``data_path`` prefix, or the mock documents) packed
+    greedily into ``seq_length`` tokens without padding between them: variable-length THD
+    micro-batches with ``cu_seqlens``, attention and RoPE restarting per document, loss on real
+    tokens only. Needs ``model.attention_backend=sdpa`` and ``train.micro_batch_size=1``."""
     cache_dir: Optional[str] = None
     """Megatron ``path_to_cache`` for the sample/shuffle indices; null: next to the data."""
 
@@ -83,6 +90,9 @@ class DataConfig:
                 raise ValueError("data.data_path is empty and data.mock=False: nothing to train on")
             parse_blend(self.data_path)
         parse_split(self.split)
+        if self.packed_sequences and not self.mock and len(parse_blend(self.data_path)[0]) != 1:
+            raise ValueError(f"data.packed_sequences packs the documents of one prefix; "
+                             f"data.data_path names {len(parse_blend(self.data_path)[0])}")
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:

@@ -80,6 +80,9 @@ def build_datasets(
         raise ValueError(f"seq_length ({seq}) and global_batch_size ({global_batch_size}) must be >= 1")
     if min(train_samples, eval_samples, test_samples) < 0:
         raise ValueError("train/eval/test sample counts must be >= 0")
+    if cfg.packed_sequences:
+        return build_packed_datasets(cfg, seq, [train_samples, eval_samples, test_samples], seed,
+                                     tokenizer)
     ensure_helpers(os.path.join(cfg.cache_dir, "helpers") if cfg.cache_dir else None)
 
     blend: tuple[list[str], list[float] | None] | None = None
@@ -127,6 +130,39 @@ def build_datasets(
             f"({global_batch_size})"
         )
     return train, valid, test
+
+
+def build_packed_datasets(cfg: DataConfig, seq: int, sizes: list[int], seed: int,
+                          tokenizer: Tokenizer) -> tuple[Dataset | None, ...]:
+    """(train, valid, test) of :class:`PackedDocumentDataset` over the split's documents."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    from splitllama.data.packing import PackedDocumentDataset
+
+    if cfg.mock:
+        from splitllama.data.mock import PatternLowLevelDataset
+
+        source: Any = PatternLowLevelDataset(tokenizer.vocab_size, tokenizer.eod, seed, seq)
+    else:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        prefix = parse_blend(cfg.data_path)[0][0]
+        check_prefix(prefix, 1, cfg.split)
+        source = IndexedDataset(prefix)
+    n_docs = len(source.sequence_lengths)
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split))
+    out: list[Dataset | None] = []
+    for i, (bounds, n) in enumerate(zip(matrix, sizes)):
+        if bounds is None or n == 0:
+            out.append(None)
+            continue
+        docs = numpy.arange(int(round(bounds[0] * n_docs)), int(round(bounds[1] * n_docs)))
+        eod = tokenizer.eod if cfg.eod_mask_loss else None
+        out.append(PackedDocumentDataset(source, docs, seq, n, seed + i, eod=eod))
+    return tuple(out)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ KV cache: one ``DynamicCache`` with N+M layers; lower layers use cache indices 0
 The causal/padding mask is built once (``create_causal_mask``) and shared by both blocks: its shape
 ``[batch, 1, q_len, kv_len]`` depends on neither hidden size nor head count.
 
+Packed sequences follow transformers' convention: with ``position_ids`` restarting at 0 per document, no
+``attention_mask`` and no cache (training mode, or ``use_cache=False``), attention stays within each document
+and both blocks' RoPE restart — as SplitLlama's Megatron training does with packed documents.
+
 This file is copied next to exported checkpoints (``trust_remote_code``): it imports only its sibling
 configuration module, never ``splitllama``.
 """

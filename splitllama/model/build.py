@@ -4,14 +4,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 
 from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
+from splitllama.model.attention import describe_kernel, resolve_backend
 from splitllama.model.megatron_config import Numerics, block_config
 from splitllama.model.model import SplitLlamaModel
 from splitllama.model.spec import resolve_impl
 from splitllama.pipeline.layout import PipelineLayout
+from splitllama.platform import cpu
 
 
 def single_stage_layout(model: ModelConfig) -> PipelineLayout:
@@ -23,6 +26,8 @@ class BuiltModel:
     model: SplitLlamaModel
     layout: PipelineLayout
     impl: str
+    attention_backend: str = "local"
+    block_configs: tuple = ()  # (lower, upper) TransformerConfigs
 
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
@@ -38,7 +43,22 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Nume
     if stage is None:
         stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
     impl = resolve_impl(model_cfg.transformer_impl)
+    backend = resolve_backend(model_cfg.attention_backend, impl)
     numerics.transformer_engine = impl == "transformer_engine"
     lower = block_config(model_cfg, "lower", parallel, layout, numerics)
     upper = block_config(model_cfg, "upper", parallel, layout, numerics)
-    return BuiltModel(SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl), layout, impl)
+    model = SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl, backend)
+    return BuiltModel(model, layout, impl, backend, (lower, upper))
+
+
+def attention_summary(built: BuiltModel, tp: int) -> str:
+    """The one start-up line naming the attention backend and (sdpa) the kernel it runs."""
+    if built.attention_backend != "sdpa":
+        note = " (Megatron DotProductAttention: materialises [b, h, s, s] scores)" \
+            if built.attention_backend == "local" else ""
+        return f"attention: {built.attention_backend}{note}"
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        and not cpu.enabled() else torch.device("cpu")
+    lower, upper = built.block_configs
+    return (f"attention: sdpa | lower block kernel {describe_kernel(lower, dev, tp)} | "
+            f"upper block kernel {describe_kernel(upper, dev, tp)}")

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import ModelType
@@ -30,7 +31,7 @@ from splitllama.pipeline.layout import PipelineLayout
 class SplitLlamaModel(LanguageModule):
     def __init__(self, model_cfg: ModelConfig, lower_config: TransformerConfig,
                  upper_config: TransformerConfig, layout: PipelineLayout, stage: int,
-                 impl: str = "local") -> None:
+                 impl: str = "local", attention_backend: str = "local") -> None:
         super().__init__(config=upper_config)
         self.model_cfg = model_cfg
         self.layout = layout
@@ -42,7 +43,8 @@ class SplitLlamaModel(LanguageModule):
         self.input_tensor: Optional[torch.Tensor] = None
         self.no_grad_prefix = False
         own = layout.stages[stage]
-        spec = layer_spec(impl)
+        self.attention_backend = attention_backend
+        spec = layer_spec(impl, attention_backend)
         cpu_init = upper_config.use_cpu_initialization
 
         if self.pre_process:
@@ -112,27 +114,58 @@ class SplitLlamaModel(LanguageModule):
             return x.size(0) * parallel_state.get_tensor_model_parallel_world_size()
         return x.size(0)
 
-    def _prefix(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
+    def _rotary(self, rotary, x: torch.Tensor, position_ids: Optional[torch.Tensor],
+                packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """This block's RoPE table for the batch: [s, 1, 1, d] for positions 0..s-1; with
+        `position_ids` [b|1, s] (e.g. restarting at each document) the rows they index,
+        [s, b, 1, d]; for THD packing Megatron restarts positions per segment from a table of
+        the longest segment's length."""
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return rotary(int(packed_seq_params.max_seqlen_q))
+        s = self._full_seq_len(x)
+        if position_ids is None:
+            return rotary(s)
+        table = rotary(max(s, int(position_ids.max()) + 1))  # [n, 1, 1, d]
+        return table[position_ids].squeeze(2).transpose(0, 1)  # [b, s, 1, 1, d] -> [s, b, 1, d]
+
+    def _block(self, block, rotary, x, position_ids, attention_mask, packed_seq_params):
+        return block(x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,
+                     rotary_pos_emb=self._rotary(rotary, x, position_ids, packed_seq_params))
+
+    def _prefix(self, input_ids, position_ids, attention_mask, packed_seq_params) -> torch.Tensor:
         """Embedding (first stage) or the received activation, then this stage's lower layers."""
         if self.pre_process:
             x = self.embedding(input_ids=input_ids, position_ids=position_ids)
         else:
             x = self.input_tensor
         if hasattr(self, "lower"):
-            x = self.lower(x, attention_mask=attention_mask,
-                           rotary_pos_emb=self.lower_rotary(self._full_seq_len(x)))
+            x = self._block(self.lower, self.lower_rotary, x, position_ids, attention_mask,
+                            packed_seq_params)
         return x
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         """Returns this stage's output activation [s, b, h]; on the last stage the per-token
         loss [b, s] when `labels` is given, else the vocab-parallel logits [b, s, V/tp].
         Critic (``head=value``): `labels` are float value targets [b, s] and the per-token
-        loss is the squared error (value - target)² [b, s]; without them, the values [b, s]."""
+        loss is the squared error (value - target)² [b, s]; without them, the values [b, s].
+
+        Packed documents, two ways (both give causal attention within each document and RoPE
+        positions restarting at each document, in both blocks):
+        - Megatron's dataset convention: `position_ids` [b, s] restarting per document and
+          `attention_mask` bool [b, 1, s, s], True = masked (``sdpa`` and ``local`` backends);
+        - variable-length THD: `input_ids` / `labels` [1, t] holding documents back to back and
+          `packed_seq_params` = ``PackedSeqParams(qkv_format="thd", cu_seqlens_q=...,
+          cu_seqlens_kv=..., max_seqlen_q=..., max_seqlen_kv=...)`` with int32 boundaries
+          ``[0, l1, l1+l2, ..., t]`` (``sdpa`` backend; see `splitllama.data.packing`)."""
+        if packed_seq_params is not None and self.attention_backend != "sdpa":
+            raise ValueError(f"model.attention_backend={self.attention_backend} cannot take "
+                             f"packed_seq_params (variable-length packing); use sdpa")
         with torch.no_grad() if self.no_grad_prefix else contextlib.nullcontext():
-            x = self._prefix(input_ids, position_ids, attention_mask)
+            x = self._prefix(input_ids, position_ids, attention_mask, packed_seq_params)
         if self.no_grad_prefix:
             # Keep the schedule's autograd contract at no cost: the received activation gets a
             # zero gradient, and an all-frozen stage's output is a leaf that accepts one.
@@ -143,8 +176,8 @@ class SplitLlamaModel(LanguageModule):
         if hasattr(self, "adapter"):
             x = self.adapter(x)
         if hasattr(self, "upper"):
-            x = self.upper(x, attention_mask=attention_mask,
-                           rotary_pos_emb=self.upper_rotary(self._full_seq_len(x)))
+            x = self._block(self.upper, self.upper_rotary, x, position_ids, attention_mask,
+                            packed_seq_params)
         if not self.post_process:
             return x
         x = self.final_layernorm(x)

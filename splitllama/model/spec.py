@@ -8,8 +8,10 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from splitllama.model.attention import SDPAttention
 from splitllama.model.norm import RMSNorm
 
 
@@ -29,12 +31,18 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def layer_spec(impl: str) -> ModuleSpec:
-    """The LLaMA decoder layer spec for `impl` ('local' | 'transformer_engine')."""
+def layer_spec(impl: str, attention_backend: str = "local") -> ModuleSpec:
+    """The LLaMA decoder layer spec for `impl` ('local' | 'transformer_engine') with the core
+    attention of `attention_backend` (resolved: 'sdpa' | 'local' | 'transformer_engine')."""
     if impl == "transformer_engine":
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
-    # Our RMSNorm supports sequence parallelism; Megatron's WrappedTorchNorm does not.
-    spec.submodules.input_layernorm = RMSNorm
-    spec.submodules.pre_mlp_layernorm = RMSNorm
+        spec = copy.deepcopy(get_gpt_layer_with_transformer_engine_spec())
+    else:
+        spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+        # Our RMSNorm supports sequence parallelism; Megatron's WrappedTorchNorm does not.
+        spec.submodules.input_layernorm = RMSNorm
+        spec.submodules.pre_mlp_layernorm = RMSNorm
+    if attention_backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    elif attention_backend == "local" and impl == "transformer_engine":
+        spec.submodules.self_attention.submodules.core_attention = DotProductAttention
     return spec

@@ -76,7 +76,9 @@ def setup_data(rt: Runtime, tok=None):
         train_samples=iters * tr.global_batch_size,
         eval_samples=max(evals, 1) * tr.global_batch_size, test_samples=0,
         seed=tr.seed, tokenizer=tok, value_targets=job.model.head == "value")
-    needs_data = rt.is_first_stage or rt.is_last_stage
+    d = job.data  # document-aware attention / RoPE: every stage needs the batch's layout
+    needs_data = (rt.is_first_stage or rt.is_last_stage or d.reset_position_ids
+                  or d.reset_attention_mask or d.packed_sequences)
 
     def make(ds, start):
         if not needs_data or ds is None:

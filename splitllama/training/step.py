@@ -7,6 +7,7 @@ from typing import Iterator, Optional
 import torch
 from megatron.core import parallel_state
 
+from splitllama.data.packing import packed_seq_params
 from splitllama.model.model import SplitLlamaModel
 from splitllama.platform import cpu
 
@@ -37,8 +38,9 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def get_batch(data_iterator: Optional[Iterator], model: SplitLlamaModel) -> dict:
     """Only the first stage needs tokens and only the last needs labels and the loss mask;
-    middle stages get no iterator. Every TP rank of a stage reads the same micro-batch (the
-    iterator is deterministic per DP rank)."""
+    middle stages get no iterator unless documents are packed (then every stage reads the
+    position ids / attention mask / cu_seqlens). Every TP rank of a stage reads the same
+    micro-batch (the iterator is deterministic per DP rank)."""
     if data_iterator is None:  # middle stages read no data
         return {}
     batch = next(data_iterator)
@@ -72,8 +74,12 @@ def forward_step(data_iterator, model):
     target = None
     if inner.post_process:
         target = batch["value_targets"] if inner.model_cfg.head == "value" else batch["labels"]
+    cu = batch.get("cu_seqlens")
     out = model(batch["tokens"] if inner.pre_process else None,
-                position_ids=batch.get("position_ids"), labels=target)
+                position_ids=batch.get("position_ids"),
+                attention_mask=batch.get("attention_mask"),
+                labels=target,
+                packed_seq_params=packed_seq_params(cu) if cu is not None else None)
     return out, partial(loss_func, batch.get("loss_mask"))
 
 

@@ -4,7 +4,7 @@ gradients (un-sharded, HF names) for the test to compare with transformers.
 
 Usage: torchrun --nproc-per-node TP parity_worker.py SPEC.json
 SPEC: {"tp": 2, "cases": [{"name", "hf_dir", "tokens", "out", "sp": bool, "prototype": bool,
-                           "untag_value_bias": bool}]}
+                           "untag_value_bias": bool, "backend": "local" | "sdpa"}]}
 A critic export (CustomSplitLLamaForTokenClassification) runs the value head: its targets are
 the "values" tensor of the tokens file and its "logits" are the per-token values [b, s].
 """
@@ -43,9 +43,12 @@ def run_case(case: dict, tp: int) -> None:
     with open(f"{case['hf_dir']}/config.json") as f:
         cfg = ModelConfig.from_seed_dict(json.load(f))
     cfg.transformer_impl = "local"
+    cfg.attention_backend = case.get("backend", "local")
     parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=case.get("sp", False))
     built = build_model(cfg, parallel, Numerics(use_cpu_initialization=True))
     model = built.model
+    core = type(model.lower.layers[0].self_attention.core_attention).__name__
+    assert core == {"local": "DotProductAttention", "sdpa": "SDPAttention"}[cfg.attention_backend], core
     full = hf_to_mcore(load_file(f"{case['hf_dir']}/model.safetensors"), cfg)
     rank = ps.get_tensor_model_parallel_rank()
     load_full_weights(model, full, cfg, built.layout, 0, tp, rank,

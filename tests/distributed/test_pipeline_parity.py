@@ -34,7 +34,9 @@ CASES = {
     "pp4_adapter_alone": (4, 1, 4, "L2|A|U2|U1", False, True),
     "tp2pp2_adapter_ends_stage": (4, 2, 2, "L2,A|U3", False, False),
     "tp2pp2_sp_adapter_starts_stage": (4, 2, 2, "L2|A,U3", True, True),
+    "pp2_sdpa_adapter_inside_mlp": (2, 1, 2, "L1|L1,A,U3", False, True),
 }
+BACKEND = {"pp2_sdpa_adapter_inside_mlp": "sdpa"}  # every other case: Megatron's local attention
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def results(tmp_path_factory):
     for name, (world, tp, pp, layout, sp, mlp) in CASES.items():
         specs.setdefault(world, []).append({
             "name": name, "hf_dir": str(tmp / f"hf{int(mlp)}"), "tokens": str(tmp / "tokens.safetensors"),
-            "out_dir": str(tmp / name), "tp": tp, "pp": pp, "layout": layout, "sp": sp})
+            "out_dir": str(tmp / name), "tp": tp, "pp": pp, "layout": layout, "sp": sp,
+            "backend": BACKEND.get(name, "local")})
     for world, cases in sorted(specs.items()):
         spec = tmp / f"spec{world}.json"
         spec.write_text(json.dumps({"cases": cases}))

@@ -1,5 +1,6 @@
 """SplitLlamaModel (Megatron-Core, CPU/gloo) equals the transformers split model at TP=1 and
-TP=2, with and without sequence parallelism, for mlp=false and mlp=true — and the same
+TP=2, with and without sequence parallelism, for mlp=false and mlp=true, with the local and the
+SDPA attention backends — and the same
 check FAILS for the original prototype's q/k/v and gate/up sharding.
 
 Reference: the HF model in float64. Megatron runs in float32. Tolerance: max |diff| over
@@ -55,11 +56,14 @@ def runs(tmp_path_factory):
         d = tmp / f"hf_mlp{int(mlp)}"
         save_pretrained_with_code(hf, d)
         refs[mlp] = _reference(hf, tokens)
-        for tp, sp, proto in ((1, False, False), (2, False, False), (2, True, False), (2, False, True)):
-            name = f"tp{tp}_mlp{int(mlp)}_sp{int(sp)}_proto{int(proto)}"
+        for tp, sp, proto, backend in ((1, False, False, "local"), (2, False, False, "local"),
+                                       (2, True, False, "local"), (2, False, True, "local"),
+                                       (1, False, False, "sdpa"), (2, False, False, "sdpa"),
+                                       (2, True, False, "sdpa")):
+            name = f"tp{tp}_mlp{int(mlp)}_sp{int(sp)}_proto{int(proto)}" + ("_sdpa" if backend == "sdpa" else "")
             cases[tp].append({"name": name, "hf_dir": str(d), "tokens": str(tmp / "tokens.safetensors"),
                               "out": str(tmp / f"{name}.safetensors"), "sp": sp, "prototype": proto,
-                              "mlp": mlp})
+                              "mlp": mlp, "backend": backend})
     for tp in (1, 2):
         spec = tmp / f"spec_tp{tp}.json"
         spec.write_text(json.dumps({"tp": tp, "cases": cases[tp]}))
@@ -67,7 +71,8 @@ def runs(tmp_path_factory):
     return {c["name"]: (load_file(c["out"]), refs[c["mlp"]]) for tp in (1, 2) for c in cases[tp]}
 
 
-CORRECT = [f"tp{tp}_mlp{m}_sp{sp}_proto0" for tp, sp in ((1, 0), (2, 0), (2, 1)) for m in (0, 1)]
+CORRECT = [f"tp{tp}_mlp{m}_sp{sp}_proto0{b}" for tp, sp in ((1, 0), (2, 0), (2, 1)) for m in (0, 1)
+           for b in ("", "_sdpa")]  # "": Megatron's local DotProductAttention; "_sdpa": torch SDPA
 
 
 @pytest.mark.parametrize("name", CORRECT)

@@ -286,3 +286,34 @@ def test_config_loads_sub_configs_from_paths(tmp_path: Path):
         CustomSplitLLamaConfig(num_layers_8=L_LOWER + 1)
     with pytest.raises(ValueError):
         CustomSplitLLamaConfig(vocab_size=1000)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_position_ids_match_documents_alone(sources, attn):
+    """transformers' packing convention: position ids restarting at 0 mark document boundaries
+    (no attention mask, no cache): each document's logits and loss gradients equal those of the
+    document alone (float64); both blocks' RoPE restart. Without the resets they differ."""
+    model = _split(sources, 2, 3, True, attn=attn).double()
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(0, LOWER_CFG["vocab_size"], (n,), generator=g) for n in (6, 4, 5)]
+
+    def loss_and_grads(logits, labels):
+        model.zero_grad()
+        F.cross_entropy(logits, labels).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    alone = torch.cat([model(input_ids=d[None, :-1]).logits[0] for d in docs])
+    labels = torch.cat([d[1:] for d in docs])
+    ref_grads = loss_and_grads(alone, labels)
+    ids = torch.cat([d[:-1] for d in docs])[None]
+    pos = torch.cat([torch.arange(len(d) - 1) for d in docs])[None]
+    model.train()
+    packed = model(input_ids=ids, position_ids=pos).logits[0]
+    torch.testing.assert_close(packed, alone.detach(), rtol=0, atol=1e-10)
+    for n, g_ in loss_and_grads(packed, labels).items():
+        torch.testing.assert_close(g_, ref_grads[n], rtol=0, atol=1e-10, msg=n)
+    model.eval()
+    no_cache = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+    torch.testing.assert_close(no_cache, alone.detach(), rtol=0, atol=1e-10)
+    plain = model(input_ids=ids, use_cache=False).logits[0]
+    assert (plain - alone).abs().max() > 1e-3
