@@ -174,7 +174,12 @@ class SplitLlamaForCausalLM(nn.Module, SupportsPP):
         return self.logits_processor(self.lm_head, hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load the export's tensors (HF names) into this stage's parameters; returns the parameter names loaded."""
+        """Load export tensors (HF names) into this stage's parameters; returns the parameter names filled.
+
+        Also the entry point of RL weight sync (veRL calls it with batches of HF-named tensors), so a partial set
+        is fine; tensors of other pipeline stages are skipped. At start-up vLLM's DefaultModelLoader compares the
+        returned set with all parameters and raises on any the export did not provide.
+        """
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -191,7 +196,4 @@ class SplitLlamaForCausalLM(nn.Module, SupportsPP):
                     param = params[name]
                     getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                     loaded.add(name)
-        missing = set(params) - loaded
-        if missing:
-            raise ValueError(f"SplitLlama export lacks tensors for: {sorted(missing)[:8]}")
-        return loaded
+        return loaded  # vLLM's loader reports parameters the checkpoint did not fill

@@ -1,7 +1,9 @@
 """Runs inside another venv (the vLLM one, .ci/vllm_venv.sh) on an HF export; results as JSON + safetensors.
 
     python worker.py hf   EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW   # transformers: logits + greedy generate()
-    python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM: greedy tokens
+        -> hf.json {transformers, tokens}, hf.safetensors {logits (padded batch), step_logits_{i} per prompt}
+    python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM: greedy tokens + their logprobs
+        -> vllm_tp{TP}_pp{PP}.json {vllm, tokens, logprobs}
 
 Imports only torch / transformers / vllm (not splitllama: the export must load on its own; the vLLM plugin is
 found through its entry point). The ``__main__`` guard is required: vLLM spawns its engine process.
@@ -20,17 +22,19 @@ def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int) -> No
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
-    tokens = []
+    tokens, tensors = [], {}
     with torch.no_grad():
         width = max(map(len, prompts))
         batch = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
-        logits = model(input_ids=batch, use_cache=False).logits
-        for p in prompts:
+        tensors["logits"] = model(input_ids=batch, use_cache=False).logits
+        for i, p in enumerate(prompts):
             ids = torch.tensor([p])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 min_new_tokens=max_new, do_sample=False, pad_token_id=0)
-            tokens.append(gen[0, len(p):].tolist())
-    save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))
+                                 min_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens.append(gen.sequences[0, len(p):].tolist())
+            tensors[f"step_logits_{i}"] = torch.cat(gen.logits)  # [max_new, vocab], from KV-cached decoding
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "hf.safetensors"))
     (out / "hf.json").write_text(json.dumps({"transformers": transformers.__version__, "tokens": tokens}))
 
 
@@ -39,13 +43,19 @@ def run_vllm(export: str, out: Path, prompts: list[list[int]], max_new: int, tp:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # CPU memory: vLLM reserves gpu_memory_utilization x RAM per worker (default 0.92) unless the KV cache size is
+    # explicit. An explicit size also skips the warm-up run, which is what allocates a later pipeline stage's
+    # receive buffers (vllm 0.32 cpu_worker._should_warm_up_model; gpu_model_runner
+    # sync_and_gather_intermediate_tensors then asserts), so PP > 1 reserves a small fraction instead.
+    memory = {"kv_cache_memory_bytes": 64 << 20} if pp == 1 else {"gpu_memory_utilization": 0.15}
     llm = LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True,
-              kv_cache_memory_bytes=64 << 20)  # CPU: otherwise it reserves 92 % of RAM
-    params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, detokenize=False)
+              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True, **memory)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, detokenize=False, logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    (out / f"vllm_tp{tp}_pp{pp}.json").write_text(json.dumps({"vllm": vllm.__version__, "tokens": tokens}))
+    logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    (out / f"vllm_tp{tp}_pp{pp}.json").write_text(
+        json.dumps({"vllm": vllm.__version__, "tokens": tokens, "logprobs": logprobs}))
 
 
 def main(argv: list[str]) -> None:
