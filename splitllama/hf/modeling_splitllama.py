@@ -154,8 +154,8 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
     """SplitLlama causal LM: :class:`CustomSplitLLamaModel` plus the upper model's (untied) ``lm_head``.
 
     ``forward`` follows ``LlamaForCausalLM`` in transformers 5.x: the cache argument is ``cache`` (the old name
-    ``past_key_values`` is accepted too; the output field has the installed version's name), ``labels`` gives the shifted cross-entropy loss, ``logits_to_keep``
-    limits the positions the head is applied to.
+    ``past_key_values`` is accepted too; the output field has the installed version's name), ``labels`` gives
+    the shifted cross-entropy loss, ``logits_to_keep`` limits the positions the head is applied to.
     """
 
     config_class = CustomSplitLLamaConfig

