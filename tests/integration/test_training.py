@@ -159,8 +159,9 @@ def test_checkpoint_model_config_is_used_and_conflicts_refused(tmp_path):
     p = apprun.run(1, [f"checkpoint.load={save}", "train.eval_only=true"], check=False)
     assert p.returncode != 0
     assert p.returncode == 2
+    # configs/tiny.yaml sets model.mlp: false too: both differing fields are named, with both values
     assert (f"error: the model section conflicts with the checkpoint {save}: model.num_layers_upper: "
-            f"config 3, checkpoint 2; drop the model section") in p.stderr
+            f"config 3, checkpoint 2; model.mlp: config False, checkpoint True; drop the model section") in p.stderr
     # without a model section the checkpoint's model (2 upper layers, MLP adapter) is built
     cmd = apprun.cmd(1, [])
     cmd = [c for c in cmd if c not in ("--config", "configs/tiny.yaml")]
