@@ -154,13 +154,9 @@ class CustomSplitLLamaModel(nn.Module):
         return self.norm(hidden_states), cache, (tuple(all_hidden) if output_hidden_states else None)
 
 
-class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
-    """SplitLlama causal LM: :class:`CustomSplitLLamaModel` plus the upper model's (untied) ``lm_head``.
-
-    ``forward`` follows ``LlamaForCausalLM`` in transformers 5.x: the cache argument is ``cache`` (the old name
-    ``past_key_values`` is accepted too; the output field has the installed version's name), ``labels`` gives
-    the shifted cross-entropy loss, ``logits_to_keep`` limits the positions the head is applied to.
-    """
+class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
+    """What the causal LM and the token classifier share: the config class, transformers' model flags and the
+    input embedding of :class:`CustomSplitLLamaModel` (held as ``self.model``)."""
 
     config_class = CustomSplitLLamaConfig
     config: CustomSplitLLamaConfig
@@ -170,18 +166,27 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_attention_backend = True
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+
+class CustomSplitLLamaForCausalLM(CustomSplitLLamaPreTrainedModel, GenerationMixin):
+    """SplitLlama causal LM: :class:`CustomSplitLLamaModel` plus the upper model's (untied) ``lm_head``.
+
+    ``forward`` follows ``LlamaForCausalLM`` in transformers 5.x: the cache argument is ``cache`` (the old name
+    ``past_key_values`` is accepted too; the output field has the installed version's name), ``labels`` gives
+    the shifted cross-entropy loss, ``logits_to_keep`` limits the positions the head is applied to.
+    """
+
     def __init__(self, config: CustomSplitLLamaConfig) -> None:
         super().__init__(config)
         self.model = CustomSplitLLamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size_upper, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -232,7 +237,7 @@ class CustomSplitLLamaForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
 
-class CustomSplitLLamaForTokenClassification(PreTrainedModel):
+class CustomSplitLLamaForTokenClassification(CustomSplitLLamaPreTrainedModel):
     """SplitLlama critic / token classifier: :class:`CustomSplitLLamaModel` plus ``score``, a
     ``Linear(hidden_size_upper -> num_labels, bias=True)`` (transformers' ``*ForTokenClassification``
     layout). With ``num_labels=1`` it is the value model veRL loads with
@@ -243,14 +248,6 @@ class CustomSplitLLamaForTokenClassification(PreTrainedModel):
     equal to -100 or NaN are ignored), class ids otherwise (cross-entropy, -100 ignored).
     """
 
-    config_class = CustomSplitLLamaConfig
-    config: CustomSplitLLamaConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["LlamaDecoderLayer"]
-    _supports_sdpa = True
-    _supports_attention_backend = True
-
     def __init__(self, config: CustomSplitLLamaConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -258,12 +255,6 @@ class CustomSplitLLamaForTokenClassification(PreTrainedModel):
         self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
         self.score = nn.Linear(config.hidden_size_upper, config.num_labels, bias=True)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def forward(
         self,
@@ -306,4 +297,4 @@ class CustomSplitLLamaForTokenClassification(PreTrainedModel):
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=all_hidden)
 
 
-__all__ = ["CustomSplitLLamaForCausalLM", "CustomSplitLLamaForTokenClassification", "CustomSplitLLamaModel"]
+__all__ = ["CustomSplitLLamaForCausalLM", "CustomSplitLLamaPreTrainedModel", "CustomSplitLLamaForTokenClassification", "CustomSplitLLamaModel"]
