@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 HEADS = ("lm", "value")
+ATTENTION_BACKENDS = ("auto", "sdpa", "local", "transformer_engine")  # values of model.attention_backend
 # HF architecture of each head in the seed schema (the value model loads with
 # AutoModelForTokenClassification, num_labels=1, as veRL's critics do)
 SEED_ARCHITECTURES = {"lm": "CustomSplitLLamaForCausalLM", "value": "CustomSplitLLamaForTokenClassification"}
@@ -229,8 +230,8 @@ class ModelConfig:
         if self.transformer_impl not in ("auto", "local", "transformer_engine"):
             raise ValueError(f"model.transformer_impl must be auto|local|transformer_engine, "
                              f"got '{self.transformer_impl}'")
-        if self.attention_backend not in ("auto", "sdpa", "local", "transformer_engine"):
-            raise ValueError(f"model.attention_backend must be auto|sdpa|local|transformer_engine, "
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"model.attention_backend must be {'|'.join(ATTENTION_BACKENDS)}, "
                              f"got '{self.attention_backend}'")
         for name, n, blk in (("num_layers_lower", self.num_layers_lower, self.lower),
                              ("num_layers_upper", self.num_layers_upper, self.upper)):

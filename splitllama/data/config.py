@@ -90,9 +90,11 @@ class DataConfig:
                 raise ValueError("data.data_path is empty and data.mock=False: nothing to train on")
             parse_blend(self.data_path)
         parse_split(self.split)
-        if self.packed_sequences and not self.mock and len(parse_blend(self.data_path)[0]) != 1:
-            raise ValueError(f"data.packed_sequences packs the documents of one prefix; "
-                             f"data.data_path names {len(parse_blend(self.data_path)[0])}")
+        if self.packed_sequences and not self.mock:
+            prefixes = parse_blend(self.data_path)[0]
+            if len(prefixes) != 1:
+                raise ValueError(f"data.packed_sequences packs the documents of one prefix; "
+                                 f"data.data_path names {len(prefixes)}")
 
 
 def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:

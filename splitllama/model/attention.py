@@ -30,8 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("auto", "sdpa", "local", "transformer_engine")
-"""Values of ``model.attention_backend`` (flex is not offered; see benchmarks/README.md)."""
+from splitllama.config.model import ATTENTION_BACKENDS as BACKENDS  # flex is not offered: benchmarks/README.md
 
 KERNEL_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]

@@ -11,28 +11,20 @@ import torch.distributed as dist
 from splitllama.checkpoint import dcp_metadata
 from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint.lock import DirLock
-from splitllama.config.cli import parse_train_args
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
-from splitllama.errors import cli_main
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.platform.lifecycle import die_with_launcher
-from splitllama import logs
-from splitllama.training import checkpoint, preflight, report, resume, signals
+from splitllama.training import checkpoint, preflight, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 
 log = logging.getLogger("splitllama")
 SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp", "head")
 FIELD_DEFAULTS = {"head": "lm"}  # checkpoints written before the field existed
-
-
-def parse_args(argv: Optional[list[str]] = None) -> JobConfig:
-    return parse_train_args(argv)
 
 
 def adopt_checkpoint_model(job: JobConfig) -> None:
@@ -141,20 +133,16 @@ def _run(job: JobConfig, layout, tok) -> int:
     return train(rt, flops_per_iteration(job), make_valid)
 
 
-def _main(argv: Optional[list[str]], job: Optional[JobConfig]) -> int:
-    die_with_launcher()  # under torchrun / the SLURM task wrapper: never outlive it
-    signals.install()  # first: a preemption signal during start-up is honoured at the first step
-    if job is None:
-        job = parse_args(argv)
-        logs.setup(job.logging.verbose)
+def run_job(job: JobConfig) -> int:
+    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down."""
     try:
         return run(job)
     finally:
         shutdown()
 
 
-def main(argv: Optional[list[str]] = None, job: Optional[JobConfig] = None) -> int:
-    """Run a job from a command line, or an already parsed `job` (splitllama.training.entry
-    parses it before Megatron is imported: prefer that entry point). Bad input: one
-    `error: ...` line from rank 0, exit 2 (see splitllama.errors)."""
-    return cli_main(_main, argv, job)
+def main(argv: Optional[list[str]] = None) -> int:
+    """The training command line, in-process: the same as splitllama.training.entry.main."""
+    from splitllama.training import entry
+
+    return entry.main(argv)

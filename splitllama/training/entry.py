@@ -27,4 +27,4 @@ def _main(argv: Optional[list[str]]) -> int:
     logs.setup(job.logging.verbose)
     from splitllama.training import app  # Megatron-Core is imported here
 
-    return app.main(job=job)
+    return app.run_job(job)

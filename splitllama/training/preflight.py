@@ -6,6 +6,8 @@ import os
 from typing import Optional
 
 from splitllama.config.job import JobConfig
+from splitllama.model.attention import check_packing_support, resolve_backend
+from splitllama.model.spec import resolve_impl
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.training.layout_select import choose_layout
 
@@ -31,4 +33,16 @@ def validate_job(job: JobConfig, world: Optional[int] = None) -> PipelineLayout:
     if job.data.tokenizer_type == "null" and job.data.vocab_size is None:
         job.data.vocab_size = job.model.vocab_size  # synthetic ids span the model's vocab
     job.data.validate()
+    check_packing(job)
     return choose_layout(job, dp)
+
+
+def check_packing(job: JobConfig) -> None:
+    """Document masking / packing the attention backend cannot honour, and packs that would not
+    be one per micro-batch, are refused (ValueError naming the flag)."""
+    d = job.data
+    backend = resolve_backend(job.model.attention_backend, resolve_impl(job.model.transformer_impl))
+    check_packing_support(backend, reset_attention_mask=d.reset_attention_mask, packed_sequences=d.packed_sequences)
+    if d.packed_sequences and job.train.micro_batch_size != 1:
+        raise ValueError(f"data.packed_sequences needs train.micro_batch_size=1 (one pack of "
+                         f"data.seq_length tokens per micro-batch), got {job.train.micro_batch_size}")

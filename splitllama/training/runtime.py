@@ -16,7 +16,6 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from splitllama.config.job import JobConfig
-from splitllama.model.attention import check_packing_support
 from splitllama.model.build import attention_summary, build_model
 from splitllama.model.megatron_config import Numerics
 from splitllama.model.model import SplitLlamaModel
@@ -77,11 +76,6 @@ def build_runtime(job: JobConfig, layout: Optional[PipelineLayout] = None) -> Ru
                         recompute_num_layers=tr.recompute_num_layers)
     built = build_model(job.model, par, numerics, layout)
     inner = built.model
-    check_packing_support(built.attention_backend, reset_attention_mask=job.data.reset_attention_mask,
-                          packed_sequences=job.data.packed_sequences)
-    if job.data.packed_sequences and tr.micro_batch_size != 1:
-        raise ValueError(f"data.packed_sequences needs train.micro_batch_size=1 (one pack of "
-                         f"data.seq_length tokens per micro-batch), got {tr.micro_batch_size}")
     if dist.get_rank() == 0:
         print(attention_summary(built, par.tensor_model_parallel_size), flush=True)
     if not on_cpu:

@@ -126,11 +126,11 @@ def test_export_of_a_file_names_it(ckpt, tmp_path, capsys):
 
 
 def test_training_load_of_a_truncated_distcp_is_one_line(ckpt, capsys, monkeypatch):
-    from splitllama.training import app
+    from splitllama.training import app, signals
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(app.signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
     _truncate_distcp(_iter_dir(ckpt))
     rc = app.main(["--config", "configs/tiny.yaml", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
                    "train.eval_only=true"])

@@ -17,7 +17,7 @@ from splitllama.config.model import PRESETS, ModelConfig
 from splitllama.data.datasets import check_index_sizes, check_prefix
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.errors import UsageError, cli_main, one_line
-from splitllama.training import app
+from splitllama.training import app, signals
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]
@@ -37,7 +37,7 @@ def _one_error(capsys, rc: int, pattern: str, code: int = 2) -> str:
 def _single_process(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SPLITLLAMA_TRACEBACK"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(app.signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
+    monkeypatch.setattr(signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
 
 
 def _bad_yaml(tmp_path):
