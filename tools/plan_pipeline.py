@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--peak-tflops", type=float, default=Hardware.peak_flops / 1e12)
     p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true", help="time the units on this device at the job's shapes "
+                   "(under torchrun: at its TP), write the profile and plan from it (splitllama.pipeline.profile_cli)")
+    p.add_argument("--profile-out", default=None, help="where --profile writes (default: parallel.profile_file)")
     args, rest = p.parse_known_args(argv)
     return args, normalize_argv(rest)
 
@@ -78,6 +81,9 @@ def _main(argv: list[str] | None = None) -> int:
     job.model.validate(par.tensor_model_parallel_size)
     job.model.check_pipeline_size(pp)
     job.model.check_seq_length(job.data.seq_length)
+    if args.profile or par.profile_file:  # measured costs: splitllama/pipeline/profile_cli.py
+        from splitllama.pipeline.profile_cli import run as run_profile
+        return run_profile(job, dp, args.profile, args.profile_out, args.json)
     hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
     units = units_for_job(job, dp, hw)
     m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))

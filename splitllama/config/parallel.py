@@ -18,13 +18,17 @@ class ParallelConfig:
     pipeline_layout: Optional[str] = None
     """Explicit stage plan, e.g. "L3|L1,A,U1|U2" (lower layers, Adapter, Upper layers per stage); null: chosen by pipeline_split."""
     pipeline_split: str = "cost"
-    """How stages are split when pipeline_layout is null: cost (the planner), uniform (Megatron's) or params."""
+    """How stages are split when pipeline_layout is null: cost (the planner over analytic costs), uniform (Megatron's), params, or profile (the planner over the measured unit times of profile_file)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
     memory_budget_gb: Optional[float] = None
     """Per-GPU memory budget (GiB) the planner must respect; null: no memory constraint."""
+    profile_file: Optional[str] = None
+    """JSON unit profile (tools/plan_pipeline.py --profile --profile-out FILE) used by pipeline_split=profile; with pipeline_split=cost it calibrates the analytic model. Its shapes, dtype and versions must match the job's."""
+    profile_if_missing: bool = False
+    """With pipeline_split=profile: take a fresh profile into profile_file when the file does not exist (TP=1 jobs; else profile first under torchrun)."""
 
     def validate(self, world_size: Optional[int] = None) -> None:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
@@ -32,8 +36,13 @@ class ParallelConfig:
             raise ValueError(f"parallel sizes must be >= 1, got tp={tp} pp={pp}")
         if self.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1")
-        if self.pipeline_split not in ("cost", "uniform", "params"):
-            raise ValueError(f"parallel.pipeline_split must be cost|uniform|params, "
+        if self.pipeline_split not in ("cost", "uniform", "params", "profile"):
+            raise ValueError(f"parallel.pipeline_split must be cost|uniform|params|profile, "
                              f"got '{self.pipeline_split}'")
+        if self.pipeline_split == "profile" and not self.profile_file:
+            raise ValueError("parallel.pipeline_split=profile needs parallel.profile_file (take one with "
+                             "tools/plan_pipeline.py --profile --profile-out FILE)")
+        if self.profile_if_missing and not self.profile_file:
+            raise ValueError("parallel.profile_if_missing=true needs parallel.profile_file (where to write it)")
         if world_size is not None and world_size % (tp * pp):
             raise ValueError(f"world size {world_size} is not divisible by tp*pp = {tp * pp}")

@@ -7,13 +7,21 @@ microbatches of activations (``m`` microbatches per step). `plan` minimises the 
 stage time exactly (DP, O(pp * n^2) states) subject to every stage fitting the memory budget.
 Ties are broken deterministically: among plans with the optimal bottleneck, the one with the
 smallest sum of squared stage times wins, then the one whose last cut points come earliest.
+
+Per-stage costs that do not scale with micro-batches (`StageOverhead`: optimizer step and
+gradient finalisation per local parameter, a fixed per-stage cost, p2p latency + bytes per
+boundary message) are optional. Without them a plan's step time is the classic
+``(m + pp - 1) x bottleneck``; with them it is the makespan of Megatron's 1F1B schedule
+(`one_f_one_b_makespan`: warm-up forwards, steady 1F1B, cool-down backwards, p2p delay on each
+boundary) plus the slowest stage's overhead, and `plan` minimises that predicted step time.
 """
 from __future__ import annotations
 
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import combinations
 from typing import Callable, Optional, Sequence
 
 from splitllama.pipeline.cost import Hardware, Unit, units_for_job
@@ -33,10 +41,83 @@ class StageStats:
     memory: dict  # bytes per GPU: params, grads, optimizer, activations
     in_flight: int  # microbatches of activations held under 1F1B
     fits: bool
+    fwd_s: float = 0.0  # per microbatch
+    bwd_s: float = 0.0  # per microbatch
+    overhead_s: float = 0.0  # per step (StageOverhead), 0 without one
+    p2p_s: float = 0.0  # per message over the boundary after this stage (0 for the last)
 
     @property
     def memory_total(self) -> float:
         return sum(self.memory.values())
+
+
+@dataclass(frozen=True)
+class StageOverhead:
+    """Per-step, per-stage costs that do not move with the micro-batches (measured by a profile,
+    `splitllama.pipeline.measured`). Local parameters of a stage = its units' ``param_bytes /
+    dtype_bytes``; the optimizer's share is divided by ``optimizer_shards`` (DP size under the
+    distributed optimizer)."""
+
+    optimizer_s_per_param: float = 0.0
+    grad_finalize_s_per_param: float = 0.0
+    fixed_s: float = 0.0  # per stage per step (schedule set-up, loss/finite-check all-reduces)
+    p2p_latency_s: float = 0.0  # per message
+    p2p_s_per_byte: float = 0.0
+    dtype_bytes: float = 2.0
+    optimizer_shards: int = 1
+
+    def stage_seconds(self, group: Sequence[Unit]) -> float:
+        local = sum(u.param_bytes for u in group) / self.dtype_bytes
+        return (self.fixed_s + local * self.grad_finalize_s_per_param
+                + local * self.optimizer_s_per_param / max(1, self.optimizer_shards))
+
+    def p2p_seconds(self, nbytes: float) -> float:
+        return self.p2p_latency_s + nbytes * self.p2p_s_per_byte
+
+
+def one_f_one_b_makespan(fwd: Sequence[float], bwd: Sequence[float], p2p: Sequence[float],
+                         m: int) -> tuple[float, list[float]]:
+    """Makespan of Megatron's non-interleaved 1F1B schedule
+    (``forward_backward_pipelining_without_interleaving``) and each stage's finish time: stage
+    k runs ``min(pp - k - 1, m)`` warm-up forwards, then (forward, backward) pairs, then the
+    remaining backwards; F(k, j) waits for F(k-1, j) plus ``p2p[k-1]``, B(k, j) for B(k+1, j)
+    plus ``p2p[k]`` (the blocking send/recv pairs wait on exactly these)."""
+    pp = len(fwd)
+    orders = []
+    for k in range(pp):
+        w = min(pp - k - 1, m)
+        ops = [("F", j) for j in range(w)]
+        for i in range(m - w):
+            ops += [("F", w + i), ("B", i)]
+        ops += [("B", j) for j in range(m - w, m)]
+        orders.append(ops)
+    done: dict = {}
+    pos, clock = [0] * pp, [0.0] * pp
+    remaining = pp * 2 * m
+    while remaining:
+        progressed = False
+        for k in range(pp):
+            while pos[k] < len(orders[k]):
+                op, j = orders[k][pos[k]]
+                if op == "F":
+                    dep = None if k == 0 else done.get(("F", k - 1, j))
+                    if k and dep is None:
+                        break
+                    start = max(clock[k], dep + p2p[k - 1] if k else 0.0)
+                    clock[k] = start + fwd[k]
+                else:
+                    dep = None if k == pp - 1 else done.get(("B", k + 1, j))
+                    if k < pp - 1 and dep is None:
+                        break
+                    start = max(clock[k], dep + p2p[k] if k < pp - 1 else 0.0)
+                    clock[k] = start + bwd[k]
+                done[(op, k, j)] = clock[k]
+                pos[k] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:  # cannot happen for 1F1B; guard against an endless loop
+            raise RuntimeError("1F1B simulation deadlocked")
+    return max(clock), clock
 
 
 @dataclass(frozen=True)
@@ -46,6 +127,7 @@ class StagePlan:
     stages: tuple[StageStats, ...]
     num_microbatches: Optional[int]
     memory_budget: Optional[float]  # bytes per GPU
+    overhead: Optional[StageOverhead] = field(default=None, compare=False)
 
     @property
     def total_time(self) -> float:
@@ -71,9 +153,17 @@ class StagePlan:
 
     @property
     def step_time_s(self) -> Optional[float]:
-        """Bottleneck-paced 1F1B step: (m + pp - 1) * bottleneck stage time."""
+        """Without an overhead: bottleneck-paced 1F1B step, (m + pp - 1) * bottleneck stage time.
+        With one: the simulated 1F1B makespan (p2p included) + the largest stage overhead (the
+        loss / finite-check / grad-norm all-reduces make every stage wait for the slowest)."""
         m = self.num_microbatches
-        return None if m is None else (m + len(self.stages) - 1) * self.bottleneck_time
+        if m is None:
+            return None
+        if self.overhead is None:
+            return (m + len(self.stages) - 1) * self.bottleneck_time
+        span, _ = one_f_one_b_makespan([s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
+                                       [s.p2p_s for s in self.stages], m)
+        return span + max(s.overhead_s for s in self.stages)
 
     @property
     def pipeline_efficiency(self) -> Optional[float]:
@@ -114,17 +204,21 @@ def _memory(group: Sequence[Unit], in_flight: int) -> dict:
 
 
 def _stats(plan_units: Sequence[Unit], counts: Sequence[int], m: Optional[int],
-           budget: Optional[float]) -> tuple[StageStats, ...]:
+           budget: Optional[float], overhead: Optional[StageOverhead] = None) -> tuple[StageStats, ...]:
     pp, total = len(counts), sum(u.time for u in plan_units)
     out, pos = [], 0
     for k, c in enumerate(counts):
         group = _stage_units(plan_units, pos, pos + c, k, pp)
         t, fl = sum(u.time for u in group), _in_flight(k, pp, m)
         mem = _memory(group, fl)
+        last = k == pp - 1
         out.append(StageStats(k, _text(group), sum(u.param_count for u in group),
                               sum(u.fwd_flops + u.bwd_flops for u in group) / 1e9, t,
                               t / total if total else 0.0, mem, fl,
-                              budget is None or sum(mem.values()) <= budget))
+                              budget is None or sum(mem.values()) <= budget,
+                              sum(u.fwd_time for u in group), sum(u.bwd_time for u in group),
+                              0.0 if overhead is None else overhead.stage_seconds(group),
+                              0.0 if overhead is None or last else overhead.p2p_seconds(group[-1].p2p_bytes)))
         pos += c
     return tuple(out)
 
@@ -204,17 +298,62 @@ def _mem_cost(units: Sequence[Unit], pp: int, m: Optional[int]) -> Callable:
 
 
 def _result(method: str, units: Sequence[Unit], sizes: Sequence[int], m: Optional[int],
-            budget: Optional[float]) -> StagePlan:
+            budget: Optional[float], overhead: Optional[StageOverhead] = None) -> StagePlan:
     _, n, mm = _split_chain(units)
     return StagePlan(method, PipelineLayout.from_counts(list(sizes), n, mm),
-                     _stats(units, sizes, m, budget), m, budget)
+                     _stats(units, sizes, m, budget, overhead), m, budget, overhead)
+
+
+EXHAUSTIVE_LIMIT = 20000  # splits scored one by one when there are at most this many
+
+
+def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhead,
+                  feasible: Callable[[int, int, int], bool], start: list[int]) -> list[int]:
+    """The split with the smallest predicted step time (1F1B makespan + slowest stage overhead).
+    Exhaustive when the splits number at most EXHAUSTIVE_LIMIT; otherwise the best of the
+    min-max splits of ``time + w * overhead / m`` for a range of w (and ``start``)."""
+    core, _, _ = _split_chain(units)
+    n = len(core)
+
+    def ok(sizes) -> bool:
+        pos = 0
+        for k, c in enumerate(sizes):
+            if not feasible(k, pos, pos + c):
+                return False
+            pos += c
+        return True
+
+    def step(sizes) -> float:
+        return _result("", units, sizes, m, None, overhead).step_time_s
+
+    if math.comb(n - 1, pp - 1) <= EXHAUSTIVE_LIMIT:
+        cands = ([b - a for a, b in zip((0,) + cuts, cuts + (n,))] for cuts in combinations(range(1, n), pp - 1))
+    else:
+        cands = [start]
+        for w in (0.25, 0.5, 1.0, 2.0, 4.0):
+            weight = _weight_cost(units, pp, lambda u: u.time)
+            ocost = lambda k, i, j: overhead.stage_seconds(_stage_units(units, i, j, k, pp))  # noqa: E731
+            sizes = _solve(units, pp, lambda k, i, j, w=w: weight(k, i, j) + w * ocost(k, i, j) / m, feasible)
+            if sizes is not None:
+                cands.append(sizes)
+    best, best_t = list(start), step(start)
+    for sizes in cands:
+        sizes = list(sizes)
+        if sizes != best and ok(sizes):
+            t = step(sizes)
+            if t < best_t * (1 - 1e-9):
+                best, best_t = sizes, t
+    return best
 
 
 # ---- public API -------------------------------------------------------------------------------
 def plan(units: Sequence[Unit], pp: int, schedule: str = "1f1b", memory_budget: Optional[float] = None,
-         num_microbatches: Optional[int] = None) -> StagePlan:
+         num_microbatches: Optional[int] = None, *,
+         stage_overhead: Optional[StageOverhead] = None) -> StagePlan:
     """The contiguous split with the smallest bottleneck stage time that fits ``memory_budget``
-    (bytes per GPU; None: unconstrained). Raises ValueError when none fits or pp is too large."""
+    (bytes per GPU; None: unconstrained). Raises ValueError when none fits or pp is too large.
+    With ``stage_overhead`` (and ``num_microbatches``) the split minimises the predicted step
+    time instead (see `_step_optimal`), starting from the min-max split."""
     if schedule != "1f1b":
         raise ValueError(f"schedule '{schedule}' is not supported; the planner models '1f1b'")
     mem = _mem_cost(units, pp, num_microbatches)
@@ -228,40 +367,48 @@ def plan(units: Sequence[Unit], pp: int, schedule: str = "1f1b", memory_budget: 
             f"memory ({lean.layout}) still needs {least / GiB:.2f} GiB on its largest stage vs a "
             f"budget of {memory_budget / GiB:.2f} GiB per GPU; raise tp / dp (distributed "
             f"optimizer), recompute activations, or add stages")
-    return _result("planned", units, sizes, num_microbatches, memory_budget)
+    if stage_overhead is not None and num_microbatches is not None:
+        sizes = _step_optimal(units, pp, num_microbatches, stage_overhead,
+                              lambda k, i, j: memory_budget is None or mem(k, i, j) <= memory_budget, sizes)
+    return _result("planned", units, sizes, num_microbatches, memory_budget, stage_overhead)
 
 
 def evaluate(layout: PipelineLayout | str, units: Sequence[Unit], pp: Optional[int] = None,
              memory_budget: Optional[float] = None, num_microbatches: Optional[int] = None,
-             method: str = "explicit") -> StagePlan:
+             method: str = "explicit", *, stage_overhead: Optional[StageOverhead] = None) -> StagePlan:
     """Cost an explicit layout (validated against the chain; over-budget stages get fits=False)."""
     layout = PipelineLayout.parse(layout) if isinstance(layout, str) else layout
     _, n, m = _split_chain(units)
     layout.validate(n, m, pp)
     sizes = [s.lower_layers + int(s.adapter) + s.upper_layers for s in layout.stages]
-    return _result(method, units, sizes, num_microbatches, memory_budget)
+    return _result(method, units, sizes, num_microbatches, memory_budget, stage_overhead)
 
 
 def uniform(units: Sequence[Unit], pp: int, memory_budget: Optional[float] = None,
-            num_microbatches: Optional[int] = None) -> StagePlan:
+            num_microbatches: Optional[int] = None, *,
+            stage_overhead: Optional[StageOverhead] = None) -> StagePlan:
     """Megatron's default split (`PipelineLayout.uniform`), costed."""
     _, n, m = _split_chain(units)
-    return evaluate(PipelineLayout.uniform(n, m, pp), units, pp, memory_budget, num_microbatches, "uniform")
+    return evaluate(PipelineLayout.uniform(n, m, pp), units, pp, memory_budget, num_microbatches, "uniform",
+                    stage_overhead=stage_overhead)
 
 
 def params_balanced(units: Sequence[Unit], pp: int, memory_budget: Optional[float] = None,
-                    num_microbatches: Optional[int] = None) -> StagePlan:
+                    num_microbatches: Optional[int] = None, *,
+                    stage_overhead: Optional[StageOverhead] = None) -> StagePlan:
     """DeepSpeed ``partition_method='parameters'``: contiguous split balancing parameter counts
     (embedding and head included), blind to FLOPs and memory; costed like any plan."""
     sizes = _solve(units, pp, _weight_cost(units, pp, lambda u: float(u.param_count)))
-    return _result("params_balanced", units, sizes, num_microbatches, memory_budget)
+    return _result("params_balanced", units, sizes, num_microbatches, memory_budget, stage_overhead)
 
 
 # ---- job glue (what the training app calls) ----------------------------------------------------
 def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
              hardware: Optional[Hardware] = None) -> StagePlan:
     """Cost the job's pipeline split: ``parallel.pipeline_layout`` when set (parsed, validated,
-    costed), else ``parallel.pipeline_split`` = cost (planner) | uniform | params, under
+    costed), else ``parallel.pipeline_split`` = cost (planner; analytic costs, calibrated when
+    ``parallel.profile_file`` is set) | uniform | params | profile (planner over the measured
+    unit times and per-stage costs of ``parallel.profile_file``), under
     ``parallel.memory_budget_gb``. ``dp`` defaults to world_size / (tp * pp), else 1.
     Warns (does not raise) when an explicit / uniform / params split exceeds the budget."""
     par, tr = job.parallel, job.train
@@ -270,11 +417,15 @@ def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
         if world_size is not None:
             par.validate(world_size)
         dp = 1 if world_size is None else world_size // (par.tensor_model_parallel_size * pp)
-    units = units_for_job(job, dp, hardware)
+    from splitllama.pipeline.measured import job_units  # the one branch point: which units
+
+    units, overhead = job_units(job, dp, hardware)
     m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
     budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
     if par.pipeline_layout:
-        result = evaluate(par.pipeline_layout, units, pp, budget, m)
+        result = evaluate(par.pipeline_layout, units, pp, budget, m, stage_overhead=overhead)
+    elif par.pipeline_split == "profile":
+        result = plan(units, pp, "1f1b", budget, m, stage_overhead=overhead)
     elif par.pipeline_split == "cost":
         result = plan(units, pp, "1f1b", budget, m)
     elif par.pipeline_split == "uniform":
@@ -282,7 +433,7 @@ def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
     elif par.pipeline_split == "params":
         result = params_balanced(units, pp, budget, m)
     else:
-        raise ValueError(f"parallel.pipeline_split must be cost|uniform|params, got '{par.pipeline_split}'")
+        raise ValueError(f"parallel.pipeline_split must be cost|uniform|params|profile, got '{par.pipeline_split}'")
     if not result.fits:
         worst = max(s.memory_total for s in result.stages)
         warnings.warn(f"pipeline layout '{result.layout}' ({result.method}) is predicted to need "
