@@ -19,6 +19,7 @@ def plan_to_dict(p: StagePlan) -> dict:
         "memory_budget_gib": None if p.memory_budget is None else p.memory_budget / GiB,
         "stages": [{"index": s.index, "units": s.units, "params": s.params, "gflops": s.gflops,
                     "time_s": s.time_s, "time_share": s.time_share, "in_flight": s.in_flight,
+                    "fwd_s": s.fwd_s, "bwd_s": s.bwd_s, "overhead_s": s.overhead_s, "p2p_s": s.p2p_s,
                     "fits": s.fits, "memory_gib": {k: s.memory[k] / GiB for k in MEMORY_KINDS},
                     "memory_total_gib": s.memory_total / GiB} for s in p.stages],
     }

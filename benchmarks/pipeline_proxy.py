@@ -1,0 +1,225 @@
+"""Part (c) of benchmarks/pipeline_balance.py: scaled proxies of the stitched model trained at PP=2 on
+CPU (torchrun, 2 processes x 1 thread, gloo), every split's predicted vs measured step time.
+
+Two proxies share the widths (lower hidden 256 / ffn 896 / 8 heads / 2 KV groups, upper 512 /
+1792 / 8 / 2, vocab 8192 so the head weighs about one upper layer, as the real 128k head does
+at TP=8), seq 128, micro-batch 1, 4 micro-batches per step:
+  balanced  N=16, M=4 (the original proxy);
+  unbalanced N=6, M=6 (uniform's predicted bottleneck/ideal >= 1.4).
+ONE unit profile is taken first (`splitllama.pipeline.profile`, 1 thread, as each PP process
+runs) and reused by every run of both proxies (the profile key does not include N / M; the
+profile arm's runs load it with parallel.pipeline_split=profile, they do not re-profile).
+
+Splits (arms), run alternately within a round (A B C, then C B A, ...): ``uniform``
+(Megatron's), ``cost`` (the analytic planner, H100 constants: what a user gets without a
+profile) and ``profile`` (the planner over the measured unit times and per-stage costs);
+optionally ``calibrated`` (the analytic planner with Hardware fitted to the profile).
+Predicted step time of every arm = the measured-cost model: simulated 1F1B makespan (warm-up,
+steady 1F1B, cool-down, p2p per boundary message) + the slowest stage's optimizer / gradient
+finalisation / fixed cost (`splitllama.pipeline.plan.StagePlan.step_time_s` with a
+`StageOverhead`). Measured = median of the app's ``step_time_s`` after the warm-up steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROXY_LOWER = {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "num_hidden_layers": 16, "vocab_size": 8192, "max_position_embeddings": 1024}
+PROXY_UPPER = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "num_hidden_layers": 8, "vocab_size": 8192, "max_position_embeddings": 1024}
+PROXIES = {"balanced": (16, 4), "unbalanced": (6, 6)}
+PART_C = {"pp": 2, "seq_length": 128, "micro_batch_size": 1, "global_batch_size": 4, "iters": 8, "warmup": 2,
+          "rounds": 1, "threads_per_proc": 1, "profile_reps": 10}
+ARMS = ("uniform", "cost", "profile")
+ARM_OVERRIDES = {"uniform": ["parallel.pipeline_split=uniform"], "cost": ["parallel.pipeline_split=cost"],
+                 "profile": ["parallel.pipeline_split=profile", "parallel.profile_file={profile}"],
+                 "calibrated": ["parallel.pipeline_split=cost", "parallel.profile_file={profile}"]}
+
+
+def child_env(threads=None) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def proxy_yaml(path: str) -> None:
+    import yaml
+
+    n, m = PROXIES["balanced"]
+    cfg = {"model": {"lower": PROXY_LOWER, "upper": PROXY_UPPER, "num_layers_lower": n, "num_layers_upper": m,
+                     "mlp": False},
+           "data": {"mock": True, "seq_length": PART_C["seq_length"]},
+           "train": {"micro_batch_size": PART_C["micro_batch_size"], "global_batch_size": PART_C["global_batch_size"],
+                     "eval_interval": 0},
+           "optimizer": {"lr_warmup_iters": 1},
+           "logging": {"log_interval": 1, "progress": False}}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def _proxy_overrides(proxy: str) -> list[str]:
+    n, m = PROXIES[proxy]
+    return [f"model.num_layers_lower={n}", f"model.num_layers_upper={m}",
+            f"parallel.pipeline_model_parallel_size={PART_C['pp']}"]
+
+
+def run_proxy(yaml_path: str, overrides: list[str], iters: int, metrics: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={PART_C['pp']}",
+           os.path.join(REPO, "pretrain_splitllama.py"), "--config", yaml_path, *overrides,
+           f"train.train_iters={iters}", f"logging.metrics_file={metrics}"]
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(PART_C["threads_per_proc"]), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"proxy run ({overrides}) failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n"
+                           f"{p.stderr[-6000:]}")
+    layout = next((ln.split("pipeline layout:", 1)[1].split(" | tp=")[0].strip()
+                   for ln in p.stdout.splitlines() if "pipeline layout:" in ln), None)
+    with open(metrics) as f:
+        steps = [json.loads(ln)["step_time_s"] for ln in f if ln.strip() and "step_time_s" in ln]
+    return {"layout": layout, "step_times_s": steps, "process_wall_s": time.perf_counter() - t0,
+            "loadavg_1min_before_after": [load0[0], os.getloadavg()[0]],
+            "profiled_in_run": "profiling the job's units" in p.stdout}
+
+
+def take_profile(yaml_path: str, out: str, reps: int) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", yaml_path,
+                        "--profile-out", out, "--reps", str(reps)], cwd=REPO,
+                       env=child_env(PART_C["threads_per_proc"]), capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"profiling failed (exit {p.returncode}):\n{p.stderr[-6000:]}")
+    return time.perf_counter() - t0
+
+
+def predictions(yaml_path: str, profile_path: str, proxy: str, arms) -> dict:
+    """Per arm: the layout the app will build and its predicted step time (measured-cost model),
+    plus the analytic (H100) prediction for reference."""
+    from splitllama.config.job import load_job_config
+    from splitllama.pipeline.measured import job_key, load_profile, stage_overhead, units_from_profile
+    from splitllama.pipeline.cost import units_for_job
+    from splitllama.pipeline.measured import calibrate
+    from splitllama.pipeline.plan import evaluate, plan, plan_job
+
+    pp = PART_C["pp"]
+    base = _proxy_overrides(proxy)
+    job = load_job_config(yaml_path, base)
+    prof = load_profile(profile_path, job_key(job))
+    units, over = units_from_profile(prof, job.model), stage_overhead(prof)
+    m = job.train.global_batch_size // job.train.micro_batch_size
+    out = {}
+    for arm in arms:
+        ov = [o.format(profile=profile_path) for o in ARM_OVERRIDES[arm]]
+        # the app's own choice (plan_job, as layout_select calls it); its environment key check
+        # would need the children's thread count: the profile is checked here by job key only
+        arm_job = load_job_config(yaml_path, base + [o for o in ov if "profile_file" not in o])
+        if arm == "profile":
+            chosen = plan(units, pp, "1f1b", None, m, stage_overhead=over)
+        elif arm == "calibrated":
+            chosen = plan(units_for_job(arm_job, 1, calibrate(prof, job.model)), pp, "1f1b", None, m)
+        else:
+            chosen = plan_job(arm_job, world_size=pp)
+        ev = evaluate(chosen.layout, units, pp, None, m, arm, stage_overhead=over)
+        analytic = evaluate(chosen.layout, units_for_job(job, 1), pp, None, m)
+        out[arm] = {"layout": str(chosen.layout), "overrides": ov, "predicted_step_s": ev.step_time_s,
+                    "bottleneck_over_ideal": ev.bottleneck_over_ideal,
+                    "stage_time_shares": [s.time_share for s in ev.stages],
+                    "stage_overhead_s": [s.overhead_s for s in ev.stages],
+                    "analytic_h100_bottleneck_over_ideal": analytic.bottleneck_over_ideal,
+                    "num_microbatches": m}
+    return out
+
+
+def part_c(iters: int = PART_C["iters"], warmup: int = PART_C["warmup"], rounds: int = PART_C["rounds"],
+           arms: tuple = ARMS, proxies: tuple = tuple(PROXIES)) -> dict:
+    load0 = os.getloadavg()
+    runs, pred = [], {}
+    with tempfile.TemporaryDirectory(prefix="pipeline_balance_c_") as tmp:
+        yaml_path, profile_path = os.path.join(tmp, "proxy.yaml"), os.path.join(tmp, "profile.json")
+        proxy_yaml(yaml_path)
+        profile_s = take_profile(yaml_path, profile_path, PART_C["profile_reps"])
+        with open(profile_path) as f:
+            profile = json.load(f)
+        print(f"(c) profile taken once in {profile_s:.0f} s: " + ", ".join(
+            f"{k} {(v['fwd_s'] + v['bwd_s']) * 1e3:.1f} ms" for k, v in profile["units"].items()), flush=True)
+        for proxy in proxies:
+            pred[proxy] = predictions(yaml_path, profile_path, proxy, arms)
+            print(f"(c) {proxy}: " + ", ".join(f"{a} {p['layout']} predicted {p['predicted_step_s']:.3f} s"
+                                              for a, p in pred[proxy].items()), flush=True)
+        order = [(px, a) for px in proxies for a in arms]
+        for rnd in range(rounds):
+            for proxy, arm in (order if rnd % 2 == 0 else order[::-1]):  # cancels linear drift
+                ov = [o.format(profile=profile_path) for o in ARM_OVERRIDES[arm]]
+                r = run_proxy(yaml_path, _proxy_overrides(proxy) + ov, iters,
+                              os.path.join(tmp, f"{proxy}_{arm}_{rnd}.jsonl"))
+                if r["layout"] != pred[proxy][arm]["layout"]:
+                    raise RuntimeError(f"{proxy}/{arm}: the app built {r['layout']}, predicted for "
+                                       f"{pred[proxy][arm]['layout']}")
+                if r["profiled_in_run"]:
+                    raise RuntimeError(f"{proxy}/{arm}: the run re-profiled instead of reusing {profile_path}")
+                runs.append({"proxy": proxy, "arm": arm, "round": rnd, **r})
+                print(f"(c) round {rnd} {proxy:<10} {arm:<10} {r['layout']:<14} median step "
+                      f"{statistics.median(r['step_times_s'][warmup:]) * 1e3:.0f} ms "
+                      f"(load {r['loadavg_1min_before_after'][0]:.1f})", flush=True)
+    rows = []
+    for proxy in proxies:
+        meas = {}
+        for arm in arms:
+            ts = [t for r in runs if r["proxy"] == proxy and r["arm"] == arm for t in r["step_times_s"][warmup:]]
+            meas[arm] = statistics.median(ts)
+            p = pred[proxy][arm]
+            rows.append({"proxy": proxy, "arm": arm, "layout": p["layout"], "predicted_step_s": p["predicted_step_s"],
+                         "measured_step_s": meas[arm], "min_step_s": min(ts), "n_steps": len(ts),
+                         "error_over_measured": (p["predicted_step_s"] - meas[arm]) / meas[arm],
+                         "bottleneck_over_ideal": p["bottleneck_over_ideal"],
+                         "analytic_h100_bottleneck_over_ideal": p["analytic_h100_bottleneck_over_ideal"]})
+        fastest = min(meas.values())
+        for r in rows[-len(arms):]:
+            r["over_fastest"] = r["measured_step_s"] / fastest
+    acceptance = {
+        "max_abs_error_over_measured": max(abs(r["error_over_measured"]) for r in rows),
+        "profile_within_3pct_of_fastest": {px: next(r["over_fastest"] for r in rows if r["proxy"] == px and
+                                                    r["arm"] == "profile") <= 1.03 for px in proxies}
+        if "profile" in arms else None}
+    if "unbalanced" in proxies and {"uniform", "profile"} <= set(arms):
+        m = {r["arm"]: r for r in rows if r["proxy"] == "unbalanced"}
+        acceptance["unbalanced_uniform_over_profile_measured"] = m["uniform"]["measured_step_s"] / \
+            m["profile"]["measured_step_s"]
+        acceptance["unbalanced_uniform_predicted_bottleneck_over_ideal"] = m["uniform"]["bottleneck_over_ideal"]
+    return {"setup": {**PART_C, "iters": iters, "warmup": warmup, "rounds": rounds, "arms": list(arms),
+                      "proxies": {k: PROXIES[k] for k in proxies}, "lower": PROXY_LOWER, "upper": PROXY_UPPER,
+                      "launcher": "torchrun --standalone, gloo, CPU harness, OMP_NUM_THREADS=1 per process"},
+            "loadavg_start": load0, "profile": profile, "profile_seconds": profile_s, "predicted": pred,
+            "rows": rows, "acceptance": acceptance, "runs": runs}
+
+
+def format_part_c(c: dict) -> str:
+    st = c["setup"]
+    cols = (f"{'proxy':<11}{'split':<11}{'layout':<15}{'pred b/ideal':>13}{'H100 b/ideal':>13}{'predicted s':>12}"
+            f"{'measured s':>11}{'error':>8}{'/fastest':>9}")
+    lines = [f"(c) PP={st['pp']} proxies on CPU (2 procs x 1 thread), seq {st['seq_length']}, mb "
+             f"{st['micro_batch_size']}, {st['global_batch_size'] // st['micro_batch_size']} micro-batches/step, "
+             f"{st['rounds']} round(s) alternated, {st['iters'] - st['warmup']} steps per run after "
+             f"{st['warmup']} warm-up; one profile for all runs", cols, "-" * len(cols)]
+    for r in c["rows"]:
+        lines.append(f"{r['proxy']:<11}{r['arm']:<11}{r['layout']:<15}{r['bottleneck_over_ideal']:>13.3f}"
+                     f"{r['analytic_h100_bottleneck_over_ideal']:>13.3f}{r['predicted_step_s']:>12.3f}"
+                     f"{r['measured_step_s']:>11.3f}{r['error_over_measured']:>+8.1%}{r['over_fastest']:>9.3f}")
+    a = c["acceptance"]
+    lines.append(f"max |predicted - measured| / measured: {a['max_abs_error_over_measured']:.1%} (target <= 15%); "
+                 f"profile within 3% of the fastest: {a['profile_within_3pct_of_fastest']}")
+    if "unbalanced_uniform_over_profile_measured" in a:
+        lines.append(f"unbalanced proxy: measured uniform/profile {a['unbalanced_uniform_over_profile_measured']:.3f} "
+                     f"(target >= 1.2); uniform predicted bottleneck/ideal "
+                     f"{a['unbalanced_uniform_predicted_bottleneck_over_ideal']:.3f} (>= 1.4)")
+    lines.append("pred b/ideal: bottleneck/ideal over the measured unit times; H100 b/ideal: the analytic model's")
+    return "\n".join(lines)
