@@ -74,13 +74,7 @@ PART_B = {"lower": "llama3_8b", "upper": "llama3_70b", "seqs": (64, 128), "micro
           "warmup": 1, "reps": 7, "dtype": "fp32"}
 
 
-def _child_env(threads: Optional[int] = None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=REPO, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+from benchmarks.pipeline_proxy import child_env as _child_env  # noqa: E402
 
 
 def _machine() -> dict:

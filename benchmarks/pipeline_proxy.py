@@ -222,4 +222,8 @@ def format_part_c(c: dict) -> str:
                      f"(target >= 1.2); uniform predicted bottleneck/ideal "
                      f"{a['unbalanced_uniform_predicted_bottleneck_over_ideal']:.3f} (>= 1.4)")
     lines.append("pred b/ideal: bottleneck/ideal over the measured unit times; H100 b/ideal: the analytic model's")
+    loads = [x for r in c["runs"] for x in r["loadavg_1min_before_after"]] + [c["loadavg_start"][0]]
+    if max(loads) > (os.cpu_count() or 1):
+        lines.append(f"WARNING: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the runs: "
+                     f"other processes shared the cores, so these timings (and the profile) do not measure the splits")
     return "\n".join(lines)

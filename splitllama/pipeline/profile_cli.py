@@ -62,10 +62,10 @@ def describe(prof: Profile, job) -> str:
 
 def run(job, dp: int = 1, take: bool = False, out: Optional[str] = None, as_json: bool = False,
         warmup: int = 3, reps: int = 10) -> int:
-    import torch.distributed as dist
-
     path = out or job.parallel.profile_file or "profile.json"
     if take:
+        import torch.distributed as dist
+
         from splitllama.pipeline.profile import save, take_profile
 
         prof = take_profile(job, warmup, reps)
