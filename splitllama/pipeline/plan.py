@@ -304,7 +304,7 @@ def _result(method: str, units: Sequence[Unit], sizes: Sequence[int], m: Optiona
                      _stats(units, sizes, m, budget, overhead), m, budget, overhead)
 
 
-EXHAUSTIVE_LIMIT = 20000  # splits scored one by one when there are at most this many
+EXHAUSTIVE_LIMIT = 3000  # splits scored one by one when there are at most this many
 
 
 def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhead,
@@ -314,6 +314,10 @@ def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhea
     min-max splits of ``time + w * overhead / m`` for a range of w (and ``start``)."""
     core, _, _ = _split_chain(units)
     n = len(core)
+    fwd = _weight_cost(units, pp, lambda u: u.fwd_time)
+    bwd = _weight_cost(units, pp, lambda u: u.bwd_time)
+    ocost = functools.lru_cache(maxsize=None)(
+        lambda k, i, j: overhead.stage_seconds(_stage_units(units, i, j, k, pp)))
 
     def ok(sizes) -> bool:
         pos = 0
@@ -324,15 +328,20 @@ def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhea
         return True
 
     def step(sizes) -> float:
-        return _result("", units, sizes, m, None, overhead).step_time_s
+        bounds = [0]
+        for c in sizes:
+            bounds.append(bounds[-1] + c)
+        st = list(zip(range(pp), bounds[:-1], bounds[1:]))
+        p2p = [overhead.p2p_seconds(core[j - 1].p2p_bytes) if k < pp - 1 else 0.0 for k, _, j in st]
+        span, _ = one_f_one_b_makespan([fwd(*s) for s in st], [bwd(*s) for s in st], p2p, m)
+        return span + max(ocost(*s) for s in st)
 
     if math.comb(n - 1, pp - 1) <= EXHAUSTIVE_LIMIT:
         cands = ([b - a for a, b in zip((0,) + cuts, cuts + (n,))] for cuts in combinations(range(1, n), pp - 1))
     else:
         cands = [start]
+        weight = _weight_cost(units, pp, lambda u: u.time)
         for w in (0.25, 0.5, 1.0, 2.0, 4.0):
-            weight = _weight_cost(units, pp, lambda u: u.time)
-            ocost = lambda k, i, j: overhead.stage_seconds(_stage_units(units, i, j, k, pp))  # noqa: E731
             sizes = _solve(units, pp, lambda k, i, j, w=w: weight(k, i, j) + w * ocost(k, i, j) / m, feasible)
             if sizes is not None:
                 cands.append(sizes)
