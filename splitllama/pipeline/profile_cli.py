@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Optional
 
 from splitllama.pipeline.measured import (Profile, calibrate, job_key, load_profile, stage_overhead,
@@ -37,7 +38,7 @@ def plans_from_profile(job, prof: Profile, dp: int = 1) -> dict:
     m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
     budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
     analytic = plan(units_for_job(job, dp, calibrate(prof, job.model)), pp, "1f1b", budget, m)
-    return {"profile": plan(units, pp, "1f1b", budget, m, stage_overhead=over),
+    return {"profile": replace(plan(units, pp, "1f1b", budget, m, stage_overhead=over), method="profile"),
             "uniform": uniform(units, pp, budget, m, stage_overhead=over),
             "cost": evaluate(analytic.layout, units, pp, budget, m, "cost (calibrated)", stage_overhead=over)}
 
