@@ -203,6 +203,8 @@ def part_c(iters: int = PART_C["iters"], warmup: int = PART_C["warmup"], rounds:
 
 
 def format_part_c(c: dict) -> str:
+    if "rows" not in c:  # a JSON written by the earlier, one-proxy version of (c)
+        return "(c) stored result is from an earlier version of this benchmark: re-run with --parts c"
     st = c["setup"]
     cols = (f"{'proxy':<11}{'split':<11}{'layout':<15}{'pred b/ideal':>13}{'H100 b/ideal':>13}{'predicted s':>12}"
             f"{'measured s':>11}{'error':>8}{'/fastest':>9}")
