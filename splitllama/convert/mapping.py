@@ -152,8 +152,7 @@ class QKV(Mapping):
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         ng, (qg, hd, h) = self.groups, self._dims()
         g = t.reshape(ng, qg + 2 * hd, h)
-        return [g[:, :qg].reshape(-1, h).clone(), g[:, qg:qg + hd].reshape(-1, h).clone(),
-                g[:, qg + hd:].reshape(-1, h).clone()]
+        return [g[:, :qg].reshape(-1, h), g[:, qg:qg + hd].reshape(-1, h), g[:, qg + hd:].reshape(-1, h)]
 
     def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
         if tp > 1 and self.groups % tp:
@@ -229,8 +228,9 @@ def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torc
 
 
 def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, partial: bool = False) -> dict[str, torch.Tensor]:
-    """Full (TP=1) Megatron state dict (local or TE names) -> HF split-model state dict (own
-    tensors, not views of `mc`). `partial`: convert the tensors present (one pipeline stage's)."""
+    """Full (TP=1) Megatron state dict (local or TE names) -> HF split-model state dict (a copied
+    tensor is `mc`'s own; a split one owns its memory). `partial`: convert the tensors present
+    (one pipeline stage's)."""
     mc = {canonical_mcore_name(k): v for k, v in mc.items() if not k.endswith("_extra_state")}
     out = {}
     for m in mappings(cfg):
@@ -238,7 +238,8 @@ def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, partial: bool = F
             if partial:
                 continue
             raise KeyError(f"Megatron state dict lacks {m.mcore}")
-        out.update(zip(m.hf, (t.clone() for t in m.split(mc[m.mcore]))))
+        t = mc[m.mcore]
+        out.update(zip(m.hf, (p if p is t else p.clone() for p in m.split(t))))
     return out
 
 
