@@ -24,6 +24,7 @@ Layouts (Megatron-Core's, as its own checkpoint converters write them):
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
@@ -39,7 +40,7 @@ TE_NORM_ALIASES = {
 
 
 @dataclass(frozen=True)
-class Mapping:
+class Mapping(ABC):
     """One Megatron tensor (`mcore`) made of the HF tensors `hf` whose shapes are `hf_shapes`."""
 
     mcore: str
@@ -48,7 +49,7 @@ class Mapping:
     tp_axis: ClassVar[Optional[int]] = None  # 0: column / vocab parallel, 1: row parallel, None: replicated
     # Row offset of each HF tensor in the Megatron tensor when `merge` only stacks them along
     # dim 0 (the importer then streams each one in row blocks); None when `merge` interleaves.
-    row_offsets: ClassVar[Optional[tuple[int, ...]]] = (0,)
+    row_offsets: ClassVar[Optional[tuple[int, ...]]] = None
 
     @property
     def shape(self) -> Shape:
@@ -56,15 +57,14 @@ class Mapping:
         first = self.hf_shapes[0]
         return first if len(self.hf_shapes) == 1 else (sum(s[0] for s in self.hf_shapes), *first[1:])
 
+    @abstractmethod
     def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """HF tensors (in `self.hf` order) -> the Megatron tensor (written into `out`, of
         `self.shape`, when given)."""
-        (t,) = hf
-        return t if out is None else out.copy_(t)
 
+    @abstractmethod
     def split(self, t: torch.Tensor) -> list[torch.Tensor]:
         """The Megatron tensor -> its HF tensors (in `self.hf` order; may be views of `t`)."""
-        return [t]
 
     def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
         """The slice of the full Megatron tensor that TP rank `rank` of `tp` holds."""
@@ -82,6 +82,15 @@ class Mapping:
 @dataclass(frozen=True)
 class Copy(Mapping):
     """One HF tensor copied unchanged; replicated on every TP rank."""
+
+    row_offsets: ClassVar[Optional[tuple[int, ...]]] = (0,)
+
+    def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        (t,) = hf
+        return t if out is None else out.copy_(t)
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t]
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,6 @@ class QKV(Mapping):
 
     groups: int = 1  # number of KV groups (num_key_value_heads)
     tp_axis: ClassVar[Optional[int]] = 0
-    row_offsets: ClassVar[Optional[tuple[int, ...]]] = None
 
     def _dims(self) -> tuple[int, int, int]:
         """(query heads per group x head_dim, head_dim, hidden)."""
