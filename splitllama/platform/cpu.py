@@ -22,10 +22,11 @@ import contextlib
 import os
 
 import torch
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+import torch.overrides
+from torch.overrides import TorchFunctionMode
 
 from splitllama.platform import patching
-from splitllama.platform.patching import Patch
+from splitllama.platform.patching import Patch, Requirement
 
 # Stand-in for the CUDA default generator (kept apart from the CPU generator so that
 # Megatron's RNG tracker forks do not disturb ordinary CPU randomness).
@@ -172,6 +173,10 @@ _RNG = "Megatron's model-parallel RNG tracker keeps CUDA generator states; a CPU
 _MASK = ("causal masks are built with a literal device='cuda'; under activation recomputation that "
          "code runs inside autograd's backward, where no torch-function mode is active")
 
+# Read, not patched: disable() makes sure the harness's mode is the innermost before popping it.
+REQUIRES = (Requirement("torch.overrides._get_current_function_mode_stack", _TORCH,
+                        "disable() checks that the harness's torch-function mode is the innermost"),)
+
 # The attribute patches of the harness: (target, version written for, why, replacement factory).
 PATCHES: tuple[Patch, ...] = (
     Patch("torch.cuda.current_device", _TORCH, "Megatron uses it as the device of new tensors",
@@ -242,6 +247,7 @@ def enable() -> Harness:
     handle that restores them. Call before building Megatron objects."""
     global _users, _applied, _mode
     if _users == 0:
+        patching.check(REQUIRES)
         _applied = patching.apply(PATCHES)
         _mode = _CpuDeviceMode()
         _mode.__enter__()
@@ -254,7 +260,7 @@ def _release() -> None:
     _users -= 1
     if _users > 0:
         return
-    stack = _get_current_function_mode_stack()
+    stack = torch.overrides._get_current_function_mode_stack()
     if not stack or stack[-1] is not _mode:
         raise RuntimeError("CPU harness: another torch function mode was entered after enable() "
                            "and is still active; exit it before disabling the harness")

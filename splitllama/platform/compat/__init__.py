@@ -15,4 +15,4 @@ def requirements() -> tuple:
     from splitllama.platform import cpu
     from splitllama.platform.compat import dcp, optim, writer_queue
 
-    return cpu.PATCHES + optim.REQUIRES + writer_queue.REQUIRES + dcp.REQUIRES
+    return cpu.REQUIRES + cpu.PATCHES + optim.REQUIRES + writer_queue.REQUIRES + dcp.REQUIRES
