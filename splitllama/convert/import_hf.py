@@ -226,7 +226,7 @@ def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: 
     try:
         os.makedirs(tmp_root)
         iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
-        write_torch_dist(iter_tmp, pieces, {}, on_written, release=release)
+        write_torch_dist(iter_tmp, pieces, on_written, release=release)
         layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
         final = layout.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)
