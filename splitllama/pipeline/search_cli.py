@@ -30,7 +30,7 @@ SEARCHED = ("parallel.tensor_model_parallel_size", "parallel.pipeline_model_para
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
-    p = config_parser(__doc__.splitlines()[0], prog="plan_pipeline.py --gpus")
+    p = config_parser(__doc__, prog="plan_pipeline.py")
 
     def refuse(message: str) -> None:  # one `error:` line (cli_main), not argparse's usage + exit
         raise UsageError(message)

@@ -187,3 +187,17 @@ def test_cli_bad_input_is_one_error_line(case, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
     assert re.search(pattern, lines[0]), lines[0]
     assert cap.out == ""
+
+
+def test_readme_table_is_the_tools_output(capsys):
+    """The README's 64 x 80 GB table is what the command prints today (regenerate it when the
+    cost model changes: the command is in the README next to it)."""
+    from tools.plan_pipeline import main
+
+    assert main(["--config", "configs/llama3_8b_70b.yaml", "--gpus", "64", "--memory-gb", "80"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head = next(i for i, ln in enumerate(out) if ln.startswith(" #  tp"))
+    table = "\n".join(out[head:head + 7])  # header, rule, 5 rows
+    readme = (ROOT / "README.md").read_text()
+    assert "tools/plan_pipeline.py --config configs/llama3_8b_70b.yaml --gpus 64 --memory-gb 80" in readme
+    assert f"```\n{table}\n```" in readme
