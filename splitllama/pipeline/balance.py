@@ -36,6 +36,7 @@ class BalanceReport:
     measured_step_s: Optional[float]  # wall clock per iteration
     suggested_layout: Optional[str]  # predicted >= threshold faster over the measured costs
     suggested_speedup: Optional[float]  # current / best predicted step over the measured costs
+    report_s: Optional[float] = None  # what gathering + analysing cost (set by the training loop)
 
     @property
     def busy_share(self) -> tuple[float, ...]:
@@ -46,7 +47,8 @@ class BalanceReport:
         return {"layout": self.layout, "stage_busy_s": list(self.stage_busy_s),
                 "measured_bottleneck_over_ideal": self.measured_bottleneck_over_ideal,
                 "predicted_step_s": self.predicted_step_s, "measured_step_s": self.measured_step_s,
-                "suggested_layout": self.suggested_layout, "suggested_speedup": self.suggested_speedup}
+                "suggested_layout": self.suggested_layout, "suggested_speedup": self.suggested_speedup,
+                "report_s": self.report_s}
 
     def line(self, iteration: int) -> str:
         """One printed line: busy share per stage, bottleneck/ideal, predicted vs measured step

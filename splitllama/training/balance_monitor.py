@@ -7,6 +7,8 @@ over the pipeline group (one tiny collective) and analysed by the pure
 ``pipeline_balance`` object."""
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
@@ -45,10 +47,13 @@ class BalanceMonitor:
         return [t.item() / max(iterations, 1) for t in out]
 
     def collect(self, iterations: int, measured_step_s: float) -> BalanceReport:
-        """The report over the last ``iterations`` steps (call on every rank)."""
-        return analyze(self.units, self.layout, self.stage_busy_s(iterations), self.num_microbatches,
-                       memory_budget=self.budget, predicted_step_s=self.predicted_step_s,
-                       measured_step_s=measured_step_s)
+        """The report over the last ``iterations`` steps (call on every rank). Its ``report_s``:
+        the seconds this call took (all-gather, waiting for the other stages included, + analysis)."""
+        t0 = time.perf_counter()
+        r = analyze(self.units, self.layout, self.stage_busy_s(iterations), self.num_microbatches,
+                    memory_budget=self.budget, predicted_step_s=self.predicted_step_s,
+                    measured_step_s=measured_step_s)
+        return replace(r, report_s=time.perf_counter() - t0)
 
 
 def start(rt) -> Optional[BalanceMonitor]:
