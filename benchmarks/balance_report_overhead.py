@@ -6,12 +6,13 @@
          alike. ``logging.log_interval=1``: the report's all-gather and analysis run every step
          (the worst case; the default interval is 10). Per-step time = the app's ``step_time_s``
          after ``--warmup`` steps; reported: median of each, the ratio on / off per round and
-         pooled.
+         pooled; and the CPU seconds of each whole run (torchrun + workers, from getrusage of
+         the children; far less disturbed by other jobs than wall time): on - off per step.
 (direct) what the report costs, measured directly: in the runs with it on, its own
          ``report_s`` per log interval (all-gather over the pipeline group, waiting for the
          other stage included, + analysis) and, in-process, what the instrumentation adds per
-         micro-batch (the two start/stop pairs Megatron's schedules call, CPU timer) and one
-         analysis alone (scaling + exact planner + costing the layout) for the tiny chain;
+         micro-batch (the start/stop pairs Megatron's schedules call: two compute, four p2p)
+         and one analysis alone (scaling + exact planner + costing the layout), tiny chain;
          overhead share = (timers x micro-batches + report_s / log_interval) / step time.
 
     PYTHONPATH=. python benchmarks/balance_report_overhead.py [--rounds 4] [--iters 30]
@@ -23,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,20 +44,24 @@ COMMON = ["train.eval_interval=0", "logging.progress=false", "logging.log_interv
 TARGET = 0.01
 
 
-def run(on: bool, iters: int, tmp: str, tag: str) -> tuple[list[float], list[float]]:
-    """(step_time_s of every step, the report's own report_s of every step when on)."""
+def run(on: bool, iters: int, tmp: str, tag: str) -> tuple[list[float], list[float], float]:
+    """(step_time_s of every step, the report's own report_s of every step when on, CPU seconds
+    of the whole run: torchrun and both workers, start-up included)."""
     metrics = os.path.join(tmp, f"{tag}.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            os.path.join(REPO, "pretrain_splitllama.py"), "--config", CONFIG, *COMMON, *SHAPE,
            f"train.train_iters={iters}", f"logging.metrics_file={metrics}",
            f"logging.pipeline_balance={'true' if on else 'false'}"]
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
     if p.returncode != 0:
         raise RuntimeError(f"run failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     recs = [json.loads(ln) for ln in open(metrics) if ln.strip()]
     assert all(("pipeline_balance" in r) == on for r in recs)
-    return [r["step_time_s"] for r in recs], [r["pipeline_balance"]["report_s"] for r in recs if on]
+    return [r["step_time_s"] for r in recs], [r["pipeline_balance"]["report_s"] for r in recs if on], cpu
 
 
 def direct(step_s: float, num_microbatches: int) -> dict:
@@ -66,8 +72,12 @@ def direct(step_s: float, num_microbatches: int) -> dict:
 
     t, n = StageTimers(cuda=False), 20000
     t0 = time.perf_counter()
+    # per micro-batch a stage's schedule calls the two compute timers and at most four p2p ones
+    # (no-op here, but still called)
+    names = ("forward-recv", "forward-compute", "forward-send", "backward-recv", "backward-compute",
+             "backward-send")
     for _ in range(n):
-        for name in ("forward-compute", "backward-compute"):
+        for name in names:
             t(name, log_level=2).start()
             t(name).stop()
     per_mb = (time.perf_counter() - t0) / n
@@ -89,12 +99,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "balance_report_overhead.json"))
     a = ap.parse_args()
-    on_all, off_all, ratios, report = [], [], [], []
+    on_all, off_all, ratios, report, cpu = [], [], [], [], {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             got = {}
             for on in ((True, False) if r % 2 == 0 else (False, True)):
-                steps, rep = run(on, a.iters, tmp, f"r{r}_{'on' if on else 'off'}")
+                steps, rep, c = run(on, a.iters, tmp, f"r{r}_{'on' if on else 'off'}")
+                cpu[on].append(c)
                 got[on], report = steps[a.warmup:], report + rep[a.warmup:]
             on_all += got[True]
             off_all += got[False]
@@ -104,6 +115,8 @@ def main() -> None:
     on_med, off_med = statistics.median(on_all), statistics.median(off_all)
     d = direct(off_med, 4)
     d["report_s_median"] = statistics.median(report)
+    d["cpu_s_per_run_on"], d["cpu_s_per_run_off"] = cpu[True], cpu[False]
+    d["extra_cpu_s_per_step"] = (statistics.median(cpu[True]) - statistics.median(cpu[False])) / a.iters
     d["overhead_share_of_step"] = d["timers_share_of_step"] + d["report_s_median"] / off_med
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "layout": LAYOUT, "shape": SHAPE, "log_interval": 1, "rounds": a.rounds, "iters": a.iters,
@@ -120,6 +133,9 @@ def main() -> None:
     print(f"{'timers, share of step (4 micro-batches)':<40}{d['timers_share_of_step']:>14.4%}")
     print(f"{'one analysis (planner etc.)':<40}{d['analysis_s'] * 1e6:>11.1f} us")
     print(f"{'analysis, share of step at interval 1':<40}{d['analysis_share_of_step_at_log_interval_1']:>14.4%}")
+    print(f"{'CPU s per run, on / off (median)':<40}{statistics.median(cpu[True]):>7.1f} / "
+          f"{statistics.median(cpu[False]):.1f}")
+    print(f"{'extra CPU s per step (on - off)':<40}{d['extra_cpu_s_per_step'] * 1e3:>11.2f} ms")
     print(f"{'report_s in the runs (median)':<40}{d['report_s_median'] * 1e6:>11.1f} us")
     print(f"{'overhead share at log_interval=1':<40}{d['overhead_share_of_step']:>14.4%}")
     print(f"{'overhead share at log_interval=10':<40}"
