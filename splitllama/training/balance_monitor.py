@@ -3,8 +3,9 @@
 Every stage times its own forward / backward compute (`stage_timers`, plugged into
 Megatron-Core's schedules); once per log interval the stages' busy seconds are all-gathered
 over the pipeline group (one tiny collective) and analysed by the pure
-`splitllama.pipeline.balance.analyze`; rank 0 prints the line and the metrics record gets the
-``pipeline_balance`` object."""
+`splitllama.pipeline.balance.analyze` on global rank 0, which prints the line; the metrics
+record gets the ``pipeline_balance`` object. Cost per log interval: the all-gather plus one exact
+plan (about 1 ms for the tiny chain, 45 / 85 ms for N=32 + M=8 at PP=4 / 8 on this CPU box)."""
 from __future__ import annotations
 
 import time
@@ -46,11 +47,15 @@ class BalanceMonitor:
         dist.all_gather(out, mine, group=ps.get_pipeline_model_parallel_group())
         return [t.item() / max(iterations, 1) for t in out]
 
-    def collect(self, iterations: int, measured_step_s: float) -> BalanceReport:
-        """The report over the last ``iterations`` steps (call on every rank). Its ``report_s``:
-        the seconds this call took (all-gather, waiting for the other stages included, + analysis)."""
+    def collect(self, iterations: int, measured_step_s: float) -> Optional[BalanceReport]:
+        """The report over the last ``iterations`` steps: call on every rank; analysed and
+        returned on global rank 0 only (None elsewhere). Its ``report_s``: the seconds this call
+        took (all-gather, waiting for the other stages included, + analysis)."""
         t0 = time.perf_counter()
-        r = analyze(self.units, self.layout, self.stage_busy_s(iterations), self.num_microbatches,
+        busy = self.stage_busy_s(iterations)
+        if dist.get_rank() != 0:
+            return None
+        r = analyze(self.units, self.layout, busy, self.num_microbatches,
                     memory_budget=self.budget, predicted_step_s=self.predicted_step_s,
                     measured_step_s=measured_step_s)
         return replace(r, report_s=time.perf_counter() - t0)

@@ -184,7 +184,7 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                        "skipped_iterations": st.skipped_iterations, "step_time_s": per_iter,
                        "tokens_per_s": tokens_per_iter / per_iter, "tflops_per_gpu": tflops,
                        "mfu": (tflops / peak) if peak and tflops is not None else None}
-                pb = balance.collect(n_window, per_iter) if balance else None  # collective
+                pb = balance.collect(n_window, per_iter) if balance else None  # collective; None off rank 0
                 if pb:
                     rec["pipeline_balance"] = pb.to_dict()
                 sink.write(rec)
