@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.platform.device import device as local_device
-from splitllama.training import checkpoint, signals
+from splitllama.training import balance_monitor, checkpoint, signals
 from splitllama.training.metrics import MetricsSink, peak_tflops
 from splitllama.training import step as step_mod
 from splitllama.training.step import forward_step, pipeline_shapes_hook
@@ -148,6 +148,7 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
     start_iter, t_window, n_window = st.iteration, time.time(), 0
     stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
     rank0 = dist.get_rank() == 0
+    balance = balance_monitor.start(rt)  # None unless PP > 1 and logging.pipeline_balance
     try:
         while st.iteration < total:
             if _any_rank(signals.received() is not None):
@@ -183,6 +184,9 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                        "skipped_iterations": st.skipped_iterations, "step_time_s": per_iter,
                        "tokens_per_s": tokens_per_iter / per_iter, "tflops_per_gpu": tflops,
                        "mfu": (tflops / peak) if peak and tflops is not None else None}
+                pb = balance.collect(n_window, per_iter) if balance else None  # collective; None off rank 0
+                if pb:
+                    rec["pipeline_balance"] = pb.to_dict()
                 sink.write(rec)
                 if rank0:
                     eta = f" | ETA {(total - st.iteration) * per_iter:.0f}s" if job.logging.progress else ""
@@ -193,6 +197,8 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                     print(f"iter {st.iteration:>6}/{total} | loss {loss:.4f} | lr {rec['lr']:.3e} | "
                           f"grad_norm {gn} | skipped {st.skipped_iterations} | {rec['tokens_per_s']:.0f} tok/s | "
                           f"{speed}{eta}", flush=True)
+                    if pb:
+                        print(pb.line(st.iteration), flush=True)
                 t_window, n_window = time.time(), 0
             if tr.eval_interval and make_valid_iter and st.iteration % tr.eval_interval == 0:
                 val = evaluate(rt, make_valid_iter(), tr.eval_iters)
