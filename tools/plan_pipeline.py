@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--profile", action="store_true", help="time the units on this device at the job's shapes "
                    "(under torchrun: at its TP), write the profile and plan from it (splitllama.pipeline.profile_cli)")
     p.add_argument("--profile-out", default=None, help="where --profile writes (default: parallel.profile_file)")
+    p.add_argument("--gpus", type=int, default=None, help="search TP, PP, DP, micro-batch and "
+                   "recompute for G GPUs instead (see --gpus G --help)")
     args, rest = p.parse_known_args(argv)
     return args, normalize_argv(rest)
 
@@ -131,6 +133,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # whole-layout search
+        from splitllama.pipeline.search_cli import main as search_main
+        return search_main(argv)
     return cli_main(_main, argv)
 
 
