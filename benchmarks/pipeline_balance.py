@@ -349,8 +349,8 @@ def part_c(iters: int = PART_C["iters"], warmup: int = PART_C["warmup"], rounds:
     import tempfile
 
     from splitllama.config.job import load_job_config
-    from splitllama.pipeline.cost import units_for_job
-    from splitllama.pipeline.plan import evaluate, plan, plan_job
+    from splitllama.config.resolve import num_microbatches, stage_plan, units_for_job
+    from splitllama.pipeline.plan import evaluate, plan
 
     load0 = os.getloadavg()
     pp = PART_C["pp"]
@@ -376,7 +376,7 @@ def part_c(iters: int = PART_C["iters"], warmup: int = PART_C["warmup"], rounds:
         def tot(k):
             return unit_times[k]["fwd_s"] + unit_times[k]["bwd_s"]
 
-        m_mb = max(1, job.train.global_batch_size // job.train.micro_batch_size)
+        m_mb = num_microbatches(job.train, 1)
         best = plan(cal_units, pp, num_microbatches=m_mb)
         arm_overrides = {"cost": ["parallel.pipeline_split=cost"], "uniform": ["parallel.pipeline_split=uniform"],
                          "calibrated": [f"parallel.pipeline_layout={best.layout}"]}
@@ -388,7 +388,7 @@ def part_c(iters: int = PART_C["iters"], warmup: int = PART_C["warmup"], rounds:
                          "head_over_upper_flops_only": (by_kind["head"].fwd_flops + by_kind["head"].bwd_flops) /
                                                        (by_kind["upper"].fwd_flops + by_kind["upper"].bwd_flops)}
         for arm in arms:
-            sp = plan_job(load_job_config(yaml_path, base + arm_overrides[arm]), world_size=pp)
+            sp = stage_plan(load_job_config(yaml_path, base + arm_overrides[arm]), dp=1)  # world = pp
             pred[arm] = {"layout": str(sp.layout), "step_time_s_h100": sp.step_time_s,
                          "bottleneck_over_ideal": sp.bottleneck_over_ideal,
                          "stage_time_shares": [st.time_share for st in sp.stages],

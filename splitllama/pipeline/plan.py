@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from splitllama.pipeline.cost import Hardware, Unit, units_for_job
+from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.layout import PipelineLayout
 
 GiB = float(2 ** 30)
@@ -255,43 +254,3 @@ def params_balanced(units: Sequence[Unit], pp: int, memory_budget: Optional[floa
     (embedding and head included), blind to FLOPs and memory; costed like any plan."""
     sizes = _solve(units, pp, _weight_cost(units, pp, lambda u: float(u.param_count)))
     return _result("params_balanced", units, sizes, num_microbatches, memory_budget)
-
-
-# ---- job glue (what the training app calls) ----------------------------------------------------
-def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
-             hardware: Optional[Hardware] = None) -> StagePlan:
-    """Cost the job's pipeline split: ``parallel.pipeline_layout`` when set (parsed, validated,
-    costed), else ``parallel.pipeline_split`` = cost (planner) | uniform | params, under
-    ``parallel.memory_budget_gb``. ``dp`` defaults to world_size / (tp * pp), else 1.
-    Warns (does not raise) when an explicit / uniform / params split exceeds the budget."""
-    par, tr = job.parallel, job.train
-    pp = par.pipeline_model_parallel_size
-    if dp is None:
-        if world_size is not None:
-            par.validate(world_size)
-        dp = 1 if world_size is None else world_size // (par.tensor_model_parallel_size * pp)
-    units = units_for_job(job, dp, hardware)
-    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
-    budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
-    if par.pipeline_layout:
-        result = evaluate(par.pipeline_layout, units, pp, budget, m)
-    elif par.pipeline_split == "cost":
-        result = plan(units, pp, "1f1b", budget, m)
-    elif par.pipeline_split == "uniform":
-        result = uniform(units, pp, budget, m)
-    elif par.pipeline_split == "params":
-        result = params_balanced(units, pp, budget, m)
-    else:
-        raise ValueError(f"parallel.pipeline_split must be cost|uniform|params, got '{par.pipeline_split}'")
-    if not result.fits:
-        worst = max(s.memory_total for s in result.stages)
-        warnings.warn(f"pipeline layout '{result.layout}' ({result.method}) is predicted to need "
-                      f"{worst / GiB:.1f} GiB on its largest stage, over the budget of "
-                      f"{par.memory_budget_gb} GiB per GPU")
-    return result
-
-
-def plan_for_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
-                 hardware: Optional[Hardware] = None) -> PipelineLayout:
-    """The `PipelineLayout` the training app should build (see `plan_job`)."""
-    return plan_job(job, world_size, dp=dp, hardware=hardware).layout
