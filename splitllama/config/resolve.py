@@ -177,7 +177,7 @@ def stage_plan(job: JobConfig, dp: int, hardware: Optional[Hardware] = None) -> 
     ``parallel.memory_budget_gb``. Warns (does not raise) when an explicit / uniform / params
     split exceeds the budget; the cost planner raises when no split fits."""
     par = job.parallel
-    s = split_inputs(job, dp, hardware)
+    s = split_inputs(job, dp, hardware)  # the units: see split_units (where a profile plugs in)
     if par.pipeline_layout:
         result = evaluate(par.pipeline_layout, s.units, s.pp, s.memory_budget, s.num_microbatches)
     elif par.pipeline_split == "cost":
