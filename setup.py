@@ -11,7 +11,9 @@ setup(
     packages=find_packages(include=["splitllama", "splitllama.*"]),
     package_data={"splitllama.hf": ["*.py"]},
     install_requires=[
-        "torch>=2.4",
+        # the tested ranges: splitllama/platform/cpu.py and platform/compat/ patch or use private
+        # attributes of these versions (checked at start, named when missing)
+        "torch>=2.13,<2.14",
         "megatron-core>=0.16,<0.17",
         "transformers>=5.19,<5.25",  # tested: 5.19 (.ci/vllm_venv.sh) and 5.24 (.venv)
         "safetensors",

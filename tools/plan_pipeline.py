@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--peak-tflops", type=float, default=Hardware.peak_flops / 1e12)
     p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--gpus", type=int, default=None, help="search TP, PP, DP, micro-batch and "
+                   "recompute for G GPUs instead (see --gpus G --help)")
     args, rest = p.parse_known_args(argv)
     return args, normalize_argv(rest)
 
@@ -124,6 +126,10 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # whole-layout search
+        from splitllama.pipeline.search_cli import main as search_main
+        return search_main(argv)
     return cli_main(_main, argv)
 
 

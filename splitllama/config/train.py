@@ -139,6 +139,8 @@ class LoggingConfig:
     """WANDB_MODE when not set in the environment: offline, online or disabled."""
     progress: bool = True
     """Show the ETA (time left) on each iteration line."""
+    pipeline_balance: bool = True
+    """PP > 1: every stage times its forward/backward compute; each log interval prints a [pipeline balance] line (busy share per stage, bottleneck/ideal, predicted vs measured step, a parallel.pipeline_layout= predicted >= 5% faster) and adds pipeline_balance to the metrics file. No effect at PP = 1."""
     verbose: bool = False
     """Also print library diagnostics (Megatron's config dumps, bucket lists, TE/Apex fallback warnings) and the full YAML config; -v on the command line."""
 

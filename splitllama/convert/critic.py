@@ -41,9 +41,10 @@ def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: Optional[int] =
     lm_keys = schema(cfg)
     dtype = ck.dtype("embedding.word_embeddings.weight") if "embedding.word_embeddings.weight" in ck else None
     pieces, nbytes = [], 0
-    for key, (e, shape) in schema(critic).items():
-        if e.mcore.startswith("output_layer."):
-            name = e.hf[0]
+    for key, m in schema(critic).items():
+        shape = m.shape
+        if m.mcore.startswith("output_layer."):
+            name = m.hf[0]
             pieces.append(Piece(key, shape, (0,) * len(shape), shape, dtype,
                                 lambda n=name: value_head_weights(cfg.upper.hidden_size, init, seed=seed,
                                                                   dtype=dtype)[n], (1, len(pieces))))

@@ -15,7 +15,6 @@ every TP-sharded tensor of a TP>1 save); DCP loads any chunking into any request
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import os
 import warnings
@@ -27,11 +26,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, TensorWriteData, WriteItem,
                                                   WriteItemType)
 from torch.distributed.checkpoint.storage import WriteResult
+
+from splitllama.platform.compat.dcp import StorageInfo
 
 DATA_FILE = "__0_0.distcp"
 # metadata.json of megatron.core.dist_checkpointing (CheckpointingConfig("torch_dist") as JSON)
@@ -62,13 +62,6 @@ class Piece:
         return MetadataIndex(self.key, torch.Size(self.offsets))
 
 
-def pickled_object(obj: object) -> bytes:
-    """How Megatron stores a ShardedObject's data: torch.save of the list of local objects."""
-    buf = io.BytesIO()
-    torch.save([obj], buf)
-    return buf.getvalue()
-
-
 def check_tiling(pieces: list[Piece]) -> None:
     """Every key's chunks must exactly cover its global shape (no gaps, no overlap)."""
     by_key: dict[str, list[Piece]] = {}
@@ -96,16 +89,15 @@ Release = Optional[Callable[[torch.Tensor], None]]
 
 
 class _LazyPlanner(SavePlanner):
-    def __init__(self, pieces: list[Piece], objects: dict[str, bytes], release: Release) -> None:
+    def __init__(self, pieces: list[Piece], release: Release) -> None:
         self.pieces = {p.index(): p for p in pieces}
-        self.objects = objects
         self.release = release
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator: bool = True) -> None:
         pass
 
     def create_local_plan(self) -> SavePlan:
-        items = [WriteItem(index=MetadataIndex(k), type=WriteItemType.BYTE_IO) for k in self.objects]
+        items = []
         for p in self.pieces.values():
             chunk = ChunkStorageMetadata(offsets=torch.Size(p.offsets), sizes=torch.Size(p.sizes))
             items.append(WriteItem(index=p.index(), type=WriteItemType.SHARD, tensor_data=TensorWriteData(
@@ -119,8 +111,6 @@ class _LazyPlanner(SavePlanner):
         return new_plan
 
     def resolve_data(self, write_item: WriteItem):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return io.BytesIO(self.objects[write_item.index.fqn])
         p = self.pieces[write_item.index]
         t = p.produce()
         if tuple(t.shape) != p.sizes:
@@ -174,8 +164,7 @@ class _StreamingWriter(dcp.FileSystemWriter):
         self.on_written = on_written
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future:
-        items = sorted(plan.items, key=lambda it: (it.type != WriteItemType.BYTE_IO,
-                                                   self.order.get(it.index, 0)))
+        items = sorted(plan.items, key=lambda it: self.order.get(it.index, 0))
         results = []
         crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
@@ -187,18 +176,15 @@ class _StreamingWriter(dcp.FileSystemWriter):
                     data = ahead.result()
                     ahead = pool.submit(planner.resolve_data, items[i + 1]) if i + 1 < len(items) else None
                     offset = f.tell()
-                    if item.type == WriteItemType.BYTE_IO:
-                        f.write(data.getbuffer())
-                    else:
-                        torch.save(data, f)
+                    torch.save(data, f)
                     length = f.tell() - offset
                     flusher.written(offset, length)
-                    if isinstance(data, torch.Tensor) and planner.release is not None:
+                    if planner.release is not None:
                         planner.release(data)
                     del data
                     results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                               storage_data=_StorageInfo(DATA_FILE, offset, length)))
-                    if self.on_written is not None and item.type != WriteItemType.BYTE_IO:
+                                               storage_data=StorageInfo(DATA_FILE, offset, length)))
+                    if self.on_written is not None:
                         self.on_written(item.index, length)
                 f.flush()
                 os.fsync(f.fileno())
@@ -209,14 +195,14 @@ class _StreamingWriter(dcp.FileSystemWriter):
         return fut
 
 
-def write_torch_dist(out_dir: str, pieces: list[Piece], objects: dict[str, bytes],
+def write_torch_dist(out_dir: str, pieces: list[Piece],
                      on_written: Optional[Callable[[MetadataIndex, int], None]] = None,
                      release: Release = None) -> None:
     """Write a complete torch_dist checkpoint into the (new or empty) directory `out_dir`.
 
-    `pieces` are written in the order of their `order` keys; `objects` are the ShardedObjects
-    (DCP key -> serialized bytes, see `pickled_object`); `release(t)` is called with every
-    produced tensor once it is written (e.g. `BufferPool.give_back`)."""
+    `pieces` are written in the order of their `order` keys; `release(t)` is called with every
+    produced tensor once it is written (e.g. `BufferPool.give_back`). Only tensors: the
+    non-sharded state (``common.pt``) is empty and no ShardedObject is written."""
     check_tiling(pieces)
     os.makedirs(out_dir, exist_ok=True)
     if os.listdir(out_dir):
@@ -226,7 +212,7 @@ def write_torch_dist(out_dir: str, pieces: list[Piece], objects: dict[str, bytes
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
         warnings.filterwarnings("ignore", message=".*single process.*")
         try:
-            dcp.save({}, storage_writer=writer, planner=_LazyPlanner(ordered, objects, release),
+            dcp.save({}, storage_writer=writer, planner=_LazyPlanner(ordered, release),
                      no_dist=True)
         except CheckpointException as e:  # one process: re-raise the producer's own error
             failures = list(e.failures.values())

@@ -26,8 +26,7 @@ import torch
 from splitllama.config.model import SEED_ARCHITECTURES, ModelConfig
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.import_hf import DTYPES, prepare_out
-from splitllama.convert.keys import hf_shapes, schema
-from splitllama.convert.mapping import FC1, to_hf_tensors
+from splitllama.convert.keys import schema
 from splitllama.convert.progress import Progress
 from splitllama.convert.sources import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, ConversionError
 
@@ -55,21 +54,22 @@ def model_config_of(ck: DistCheckpoint) -> ModelConfig:
 
 
 def _plan(ck: DistCheckpoint, cfg: ModelConfig, dtype: torch.dtype, max_shard: int) -> list[list[tuple]]:
-    """Shards as lists of (key, entry, [(hf name, shape)]); one Megatron tensor never spans shards."""
+    """Shards as lists of (key, mapping, [(hf name, shape)]); one Megatron tensor never spans shards."""
     shards: list[list[tuple]] = [[]]
     size = 0
-    for key, (e, shape) in schema(cfg).items():
+    for key, m in schema(cfg).items():
+        shape = m.shape
         if key not in ck:
             raise ConversionError(f"{ck.path}: checkpoint lacks tensor {key}")
         if ck.shape(key) != shape:
             raise ConversionError(f"{ck.path}: tensor {key} has shape {list(ck.shape(key))}, model_config.json "
                                   f"implies {list(shape)}")
-        parts = list(zip(e.hf, hf_shapes(e, cfg)))
+        parts = list(zip(m.hf, m.hf_shapes))
         n = sum(torch.Size(s).numel() for _, s in parts) * dtype.itemsize
         if size and size + n > max_shard:
             shards.append([])
             size = 0
-        shards[-1].append((key, e, parts))
+        shards[-1].append((key, m, parts))
         size += n
     return shards
 
@@ -139,20 +139,20 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
     bar = Progress(total, sum(len(sh) for sh in shards), "export", progress)
     tmp = Path(f"{out}.tmp-{os.getpid()}")
     weight_map: dict[str, str] = {}
-    todo = [(fname, key, e, parts) for fname, shard in zip(names, shards) for key, e, parts in shard]
+    todo = [(fname, key, m, parts) for fname, shard in zip(names, shards) for key, m, parts in shard]
     try:
         tmp.mkdir()
         with ThreadPoolExecutor(1) as pool:  # reads the next tensor while this one is written
             ahead = pool.submit(ck.read, todo[0][1])
             f: Optional[BinaryIO] = None
-            for i, (fname, key, e, parts) in enumerate(todo):
+            for i, (fname, key, m, parts) in enumerate(todo):
                 full = ahead.result()
                 ahead = pool.submit(ck.read, todo[i + 1][1]) if i + 1 < len(todo) else None
                 if f is None or f.name != str(tmp / fname):
                     _close(f)
                     f = open(tmp / fname, "wb")
                     f.write(_header(shards[names.index(fname)], out_dtype))
-                tensors = list(full.chunk(2)) if e.kind == FC1 else to_hf_tensors(e, full)  # FC1: row views
+                tensors = m.split(full)
                 for (name, shape), t in zip(parts, tensors):
                     assert tuple(t.shape) == tuple(shape), (name, t.shape, shape)
                     _write_tensor(f, t.to(out_dtype))

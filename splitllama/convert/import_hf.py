@@ -24,8 +24,8 @@ from splitllama.checkpoint import layout
 from splitllama.config.model import HEADS, LlamaBlockConfig, ModelConfig
 from splitllama.convert.buffers import BufferPool
 from splitllama.convert.dist_writer import Piece, write_torch_dist
-from splitllama.convert.keys import hf_shapes, schema
-from splitllama.convert.mapping import FC1, QKV, Entry, source_name
+from splitllama.convert.keys import schema
+from splitllama.convert.mapping import Mapping, source_name
 from splitllama.convert.progress import Progress
 from splitllama.convert.sources import DTYPE_NAMES, FLOAT_DTYPES, ConversionError, HFCheckpoint
 from splitllama.platform.lifecycle import pid_alive
@@ -102,25 +102,22 @@ class _Planner:
         self.pool.give_back(src)
         return dst
 
-    def qkv(self, srcs: list[tuple[HFCheckpoint, str]], blk: LlamaBlockConfig) -> torch.Tensor:
-        """`mapping.merge_qkv` into a pooled buffer: per KV group its query heads, k, v."""
-        q, k, v = (self.load(c, n) for c, n in srcs)
-        ng, hd, h = blk.num_key_value_heads, blk.kv_channels, q.shape[1]
-        hpg = blk.num_attention_heads // ng
-        out = self.pool.take((q.numel() + k.numel() + v.numel()) * self.dtype.itemsize, self.dtype,
-                             (ng, (hpg + 2) * hd, h))
-        torch.cat([q.view(ng, hpg * hd, h), k.view(ng, hd, h), v.view(ng, hd, h)], dim=1, out=out)
-        for t in (q, k, v):
+    def merged(self, m: Mapping, srcs: list[tuple[HFCheckpoint, str]]) -> torch.Tensor:
+        """`m.merge` of the source tensors into a pooled buffer (for layouts that interleave)."""
+        parts = [self.load(c, n) for c, n in srcs]
+        out = self.pool.take(sum(t.numel() for t in parts) * self.dtype.itemsize, self.dtype, m.shape)
+        m.merge(parts, out=out)
+        for t in parts:
             self.pool.give_back(t)
-        return out.view(-1, h)
+        return out
 
-    def source(self, hf_name: str, shape: tuple[int, ...], e: Entry) -> tuple[HFCheckpoint, str]:
+    def source(self, hf_name: str, shape: tuple[int, ...], m: Mapping) -> tuple[HFCheckpoint, str]:
         ckpt, name = self.resolve(hf_name)
         info = ckpt.info(name)
         where = f"{ckpt.what}: tensor {name} in {ckpt.path}/{ckpt.weight_map[name]}"
         if info.shape != shape:
             raise ConversionError(f"{where} has shape {list(info.shape)}, expected {list(shape)} "
-                                  f"(for {e.mcore})")
+                                  f"(for {m.mcore})")
         want = self.expected_dtype.setdefault(ckpt.path, ckpt.declared_dtype() or info.dtype)
         if info.dtype not in FLOAT_DTYPES or info.dtype != want:
             raise ConversionError(f"{where} has dtype {DTYPE_NAMES[info.dtype]}, expected "
@@ -145,20 +142,19 @@ class _Planner:
 
     def pieces(self) -> list[Piece]:
         out: list[Piece] = []
-        for key, (e, gshape) in schema(self.cfg).items():
-            shapes = hf_shapes(e, self.cfg)
-            if e.hf[0] in self.generated:  # written last: generation overlaps the copying
+        for key, m in schema(self.cfg).items():
+            gshape = m.shape
+            if m.hf[0] in self.generated:  # written last: generation overlaps the copying
                 out.append(Piece(key, gshape, (0,) * len(gshape), gshape, self.dtype,
-                                 self.generated[e.hf[0]], (2, "", len(out))))
+                                 self.generated[m.hf[0]], (2, "", len(out))))
                 continue
-            srcs = [self.source(h, s, e) for h, s in zip(e.hf, shapes)]
-            if e.kind == QKV:
-                out.append(Piece(key, gshape, (0, 0), gshape, self.dtype,
-                                 (lambda srcs=srcs, blk=e.block: self.qkv(srcs, blk)), self._order(*srcs[0], None)))
-            elif e.kind == FC1:  # gate rows [0, F), up rows [F, 2F): Megatron's two chunks
-                out += self._copy(key, gshape, *srcs[0]) + self._copy(key, gshape, *srcs[1], row0=shapes[0][0])
-            else:
-                out += self._copy(key, gshape, *srcs[0])
+            srcs = [self.source(h, s, m) for h, s in zip(m.hf, m.hf_shapes)]
+            if m.row_offsets is None:  # interleaved (q/k/v): merged whole
+                out.append(Piece(key, gshape, (0,) * len(gshape), gshape, self.dtype,
+                                 (lambda m=m, srcs=srcs: self.merged(m, srcs)), self._order(*srcs[0], None)))
+            else:  # each source tensor is a block of rows (gate / up: Megatron's two chunks)
+                for src, row0 in zip(srcs, m.row_offsets):
+                    out += self._copy(key, gshape, *src, row0=row0)
         return out
 
 
@@ -230,7 +226,7 @@ def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: 
     try:
         os.makedirs(tmp_root)
         iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
-        write_torch_dist(iter_tmp, pieces, {}, on_written, release=release)
+        write_torch_dist(iter_tmp, pieces, on_written, release=release)
         layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
         final = layout.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)

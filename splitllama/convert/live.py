@@ -6,15 +6,16 @@ stage's offset per block from the pipeline layout so names match the mapping tab
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from splitllama.config.model import ModelConfig
-from splitllama.convert.mapping import Entry, entries, tp_shard
+from splitllama.convert.mapping import Mapping, mappings
 from splitllama.pipeline.layout import PipelineLayout
 
 _LOCAL = re.compile(r"^(lower|upper)\.layers\.(\d+)\.(.*)$")
+Shard = Callable[[Mapping, torch.Tensor, int, int], torch.Tensor]
 
 
 def global_name(local: str, layout: PipelineLayout, stage: int) -> str:
@@ -28,17 +29,19 @@ def global_name(local: str, layout: PipelineLayout, stage: int) -> str:
 
 def load_full_weights(model: torch.nn.Module, full: dict[str, torch.Tensor], cfg: ModelConfig,
                       layout: PipelineLayout, stage: int, tp: int, tp_rank: int,
-                      shard: Callable[[Entry, torch.Tensor, int, int], torch.Tensor] = tp_shard) -> None:
+                      shard: Optional[Shard] = None) -> None:
     """Copy this stage's TP slice of every tensor in `full` into `model` (strict: every
-    parameter must be covered and every shape must match)."""
-    by_name = {e.mcore: e for e in entries(cfg)}
+    parameter must be covered and every shape must match). `shard` replaces `Mapping.shard`
+    (the parity tests' deliberately wrong prototype slicing)."""
+    by_name = {m.mcore: m for m in mappings(cfg)}
     params = dict(model.named_parameters())
     with torch.no_grad():
         for local, p in params.items():
             name = global_name(local, layout, stage)
             if name not in by_name or name not in full:
                 raise KeyError(f"no weight for parameter {local} (global name {name})")
-            t = shard(by_name[name], full[name], tp, tp_rank)
+            m = by_name[name]
+            t = shard(m, full[name], tp, tp_rank) if shard else m.shard(full[name], tp, tp_rank)
             if t.shape != p.shape:
                 raise ValueError(f"{name}: TP slice has shape {tuple(t.shape)}, parameter has "
                                  f"{tuple(p.shape)}")

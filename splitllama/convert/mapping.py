@@ -1,29 +1,38 @@
-"""HF <-> Megatron-Core weight mapping for SplitLlama, as one table (pure: no torch.distributed).
+"""HF <-> Megatron-Core weight mapping for SplitLlama: one table of mapping objects (pure: no
+torch.distributed), in the manner of Megatron-Bridge's ``param_mapping.py``.
+
+`mappings(cfg)` lists every Megatron tensor of the full model (TP=1) in model order as one
+object owning its names (HF source key(s) -> Megatron key), the expected HF shapes (hence the
+global Megatron shape), `merge` (HF -> Megatron layout), `split` (Megatron -> HF) and the TP
+slicing (`shard` / `unshard`). The streaming importer (`import_hf.py`), the exporter
+(`export_hf.py`), the critic converter (`critic.py`, through `keys.schema`), the live-model
+loader (`live.py`) and the tests all use this table; nothing else knows a tensor's layout.
 
 Names on the Megatron side are this project's module names at TP=1 (``SplitLlamaModel``
 state-dict names; the TE spec's fused norm names are accepted as aliases). Names on the HF
 side are the seed's split layout (``model.layers_first.{i}``, ``model.layers_last.{j}``...);
 `source_name()` maps those to the two original LLaMA checkpoints for import.
 
-Layouts (DESIGN.md §3):
-- linear_qkv: per KV group, that group's query heads, then its k, then its v. A TP rank
-  holds a plain dim-0 chunk (needs groups % tp == 0).
-- linear_fc1: cat(gate, up); a TP rank holds cat(gate.chunk(tp)[r], up.chunk(tp)[r]).
-- row-parallel (o_proj, down_proj, adapter row linears): dim-1 chunks; column-parallel
-  (embedding, lm_head, adapter_linear_1): dim-0 chunks; norms and the critic's value head
-  (``score``) replicated.
+Layouts (Megatron-Core's, as its own checkpoint converters write them):
+- `QKV` (linear_qkv): per KV group, that group's query heads, then its k, then its v. A TP
+  rank holds a plain dim-0 chunk, i.e. whole groups (needs groups % tp == 0).
+- `GatedFC1` (linear_fc1): cat(gate, up); a TP rank holds cat(gate.chunk(tp)[r], up.chunk(tp)[r]).
+- `Copy` with `tp_axis` 1 (row-parallel: o_proj, down_proj, the adapter's row linears) holds
+  dim-1 chunks, `tp_axis` 0 (column / vocab parallel: embedding, lm_head, adapter_linear_1)
+  dim-0 chunks, `tp_axis` None (norms, the critic's value head ``score``) is replicated.
 """
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
 from splitllama.config.model import LlamaBlockConfig, ModelConfig
 
-COPY, QKV, FC1 = "copy", "qkv", "fc1"
+Shape = tuple[int, ...]
 TE_NORM_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
@@ -31,71 +40,179 @@ TE_NORM_ALIASES = {
 
 
 @dataclass(frozen=True)
-class Rule:
-    mcore: str  # "{b}" = block attr (lower|upper), "{i}" = layer index within the block
-    hf: tuple[str, ...]  # "{B}" = HF block list (layers_first|layers_last)
-    kind: str = COPY
-    tp_axis: Optional[int] = None  # 0: column / vocab parallel, 1: row parallel, None: replicated
-
-
-LAYER_RULES = (
-    Rule("{b}.layers.{i}.self_attention.linear_qkv.weight",
-         tuple(f"model.{{B}}.{{i}}.self_attn.{p}_proj.weight" for p in "qkv"), QKV, 0),
-    Rule("{b}.layers.{i}.self_attention.linear_proj.weight", ("model.{B}.{i}.self_attn.o_proj.weight",), COPY, 1),
-    Rule("{b}.layers.{i}.mlp.linear_fc1.weight",
-         ("model.{B}.{i}.mlp.gate_proj.weight", "model.{B}.{i}.mlp.up_proj.weight"), FC1, 0),
-    Rule("{b}.layers.{i}.mlp.linear_fc2.weight", ("model.{B}.{i}.mlp.down_proj.weight",), COPY, 1),
-    Rule("{b}.layers.{i}.input_layernorm.weight", ("model.{B}.{i}.input_layernorm.weight",)),
-    Rule("{b}.layers.{i}.pre_mlp_layernorm.weight", ("model.{B}.{i}.post_attention_layernorm.weight",)),
-)
-GLOBAL_RULES = (
-    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), COPY, 0),
-    Rule("final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), COPY, 0),
-)
-# The critic's value head (model.head=value): replicated on every TP rank; HF names of
-# CustomSplitLLamaForTokenClassification (transformers' *ForTokenClassification ``score``).
-VALUE_HEAD_RULES = (
-    Rule("output_layer.weight", ("score.weight",)),
-    Rule("output_layer.bias", ("score.bias",)),
-)
-ADAPTER_RULES = {
-    False: (Rule("adapter.linear.weight", ("model.adapter.weight",), COPY, 1),),
-    True: (Rule("adapter.linear_fc1.weight", ("model.adapter_linear_1.weight",), COPY, 0),
-           Rule("adapter.linear_fc2.weight", ("model.adapter_linear_2.weight",), COPY, 1)),
-}
-_BLOCKS = {"lower": "layers_first", "upper": "layers_last"}
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One concrete Megatron tensor and the HF tensors it is made of."""
+class Mapping(ABC):
+    """One Megatron tensor (`mcore`) made of the HF tensors `hf` whose shapes are `hf_shapes`."""
 
     mcore: str
     hf: tuple[str, ...]
-    kind: str
-    tp_axis: Optional[int]
-    block: Optional[LlamaBlockConfig]  # source model shape (for qkv); None outside the blocks
+    hf_shapes: tuple[Shape, ...]
+    tp_axis: ClassVar[Optional[int]] = None  # 0: column / vocab parallel, 1: row parallel, None: replicated
+    # Row offset of each HF tensor in the Megatron tensor when `merge` only stacks them along
+    # dim 0 (the importer then streams each one in row blocks); None when `merge` interleaves.
+    row_offsets: ClassVar[Optional[tuple[int, ...]]] = None
+
+    @property
+    def shape(self) -> Shape:
+        """Global (TP=1) shape of the Megatron tensor."""
+        first = self.hf_shapes[0]
+        return first if len(self.hf_shapes) == 1 else (sum(s[0] for s in self.hf_shapes), *first[1:])
+
+    @abstractmethod
+    def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """HF tensors (in `self.hf` order) -> the Megatron tensor (written into `out`, of
+        `self.shape`, when given)."""
+
+    @abstractmethod
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """The Megatron tensor -> its HF tensors (in `self.hf` order; may be views of `t`)."""
+
+    def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+        """The slice of the full Megatron tensor that TP rank `rank` of `tp` holds."""
+        if tp == 1 or self.tp_axis is None:
+            return full
+        return full.chunk(tp, dim=self.tp_axis)[rank].clone()
+
+    def unshard(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of `shard`: the full tensor from every rank's slice (in rank order)."""
+        if len(shards) == 1 or self.tp_axis is None:
+            return shards[0]
+        return torch.cat(list(shards), dim=self.tp_axis)
 
 
-def entries(cfg: ModelConfig) -> Iterator[Entry]:
+@dataclass(frozen=True)
+class Copy(Mapping):
+    """One HF tensor copied unchanged; replicated on every TP rank."""
+
+    row_offsets: ClassVar[Optional[tuple[int, ...]]] = (0,)
+
+    def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        (t,) = hf
+        return t if out is None else out.copy_(t)
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return [t]
+
+
+@dataclass(frozen=True)
+class ColumnParallel(Copy):
+    """One HF tensor copied unchanged; TP ranks hold dim-0 chunks (output features / vocab)."""
+
+    tp_axis: ClassVar[Optional[int]] = 0
+
+
+@dataclass(frozen=True)
+class RowParallel(Copy):
+    """One HF tensor copied unchanged; TP ranks hold dim-1 chunks (input features)."""
+
+    tp_axis: ClassVar[Optional[int]] = 1
+
+
+@dataclass(frozen=True)
+class GatedFC1(Mapping):
+    """gate_proj, up_proj -> linear_fc1 = cat(gate, up); rank r holds cat(gate_r, up_r)."""
+
+    tp_axis: ClassVar[Optional[int]] = 0
+
+    @property
+    def row_offsets(self) -> tuple[int, ...]:  # gate rows [0, F), up rows [F, 2F)
+        return (0, self.hf_shapes[0][0])
+
+    def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat(list(hf), dim=0, out=out) if out is not None else torch.cat(list(hf), dim=0)
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return list(t.chunk(2, dim=0))  # row views
+
+    def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+        if tp == 1:
+            return full
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+
+    def unshard(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(shards) == 1:
+            return shards[0]
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+
+
+@dataclass(frozen=True)
+class QKV(Mapping):
+    """q_proj, k_proj, v_proj -> linear_qkv, grouped per KV group: [q heads of group g, k_g, v_g]."""
+
+    groups: int = 1  # number of KV groups (num_key_value_heads)
+    tp_axis: ClassVar[Optional[int]] = 0
+
+    def _dims(self) -> tuple[int, int, int]:
+        """(query heads per group x head_dim, head_dim, hidden)."""
+        (q_rows, h), (kv_rows, _), _ = self.hf_shapes
+        return q_rows // self.groups, kv_rows // self.groups, h
+
+    def merge(self, hf: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = hf
+        ng, (qg, hd, h) = self.groups, self._dims()
+        parts = [q.reshape(ng, qg, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)]
+        if out is None:
+            return torch.cat(parts, dim=1).reshape(-1, h)
+        torch.cat(parts, dim=1, out=out.view(ng, qg + 2 * hd, h))
+        return out
+
+    def split(self, t: torch.Tensor) -> list[torch.Tensor]:
+        ng, (qg, hd, h) = self.groups, self._dims()
+        g = t.reshape(ng, qg + 2 * hd, h)
+        return [g[:, :qg].reshape(-1, h), g[:, qg:qg + hd].reshape(-1, h), g[:, qg + hd:].reshape(-1, h)]
+
+    def shard(self, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+        if tp > 1 and self.groups % tp:
+            raise ValueError(f"{self.mcore}: {self.groups} KV groups not divisible by TP {tp}")
+        return super().shard(full, tp, rank)
+
+
+# ---- the table --------------------------------------------------------------------------------
+def _layer(b: str, B: str, i: int, blk: LlamaBlockConfig) -> list[Mapping]:
+    mc, hf = f"{b}.layers.{i}.", f"model.{B}.{i}."
+    h, f, hd = blk.hidden_size, blk.intermediate_size, blk.kv_channels
+    q, kv = blk.num_attention_heads * hd, blk.num_key_value_heads * hd
+    return [
+        QKV(mc + "self_attention.linear_qkv.weight", tuple(f"{hf}self_attn.{p}_proj.weight" for p in "qkv"),
+            ((q, h), (kv, h), (kv, h)), groups=blk.num_key_value_heads),
+        RowParallel(mc + "self_attention.linear_proj.weight", (hf + "self_attn.o_proj.weight",), ((h, q),)),
+        GatedFC1(mc + "mlp.linear_fc1.weight", (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+                 ((f, h), (f, h))),
+        RowParallel(mc + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",), ((h, f),)),
+        Copy(mc + "input_layernorm.weight", (hf + "input_layernorm.weight",), ((h,),)),
+        Copy(mc + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), ((h,),)),
+    ]
+
+
+def _adapter(cfg: ModelConfig) -> list[Mapping]:
+    lo, up = cfg.lower.hidden_size, cfg.upper.hidden_size
+    if not cfg.mlp:
+        return [RowParallel("adapter.linear.weight", ("model.adapter.weight",), ((up, lo),))]
+    return [ColumnParallel("adapter.linear_fc1.weight", ("model.adapter_linear_1.weight",), ((up, lo),)),
+            RowParallel("adapter.linear_fc2.weight", ("model.adapter_linear_2.weight",), ((up, up),))]
+
+
+def _head(cfg: ModelConfig) -> list[Mapping]:
+    h = cfg.upper.hidden_size
+    if cfg.head == "value":  # the critic's value head, replicated on every TP rank; HF names of
+        # CustomSplitLLamaForTokenClassification (transformers' *ForTokenClassification ``score``)
+        return [Copy("output_layer.weight", ("score.weight",), ((1, h),)),
+                Copy("output_layer.bias", ("score.bias",), ((1,),))]
+    return [ColumnParallel("output_layer.weight", ("lm_head.weight",), ((cfg.vocab_size, h),))]
+
+
+def mappings(cfg: ModelConfig) -> list[Mapping]:
     """Every Megatron tensor of the full model (TP=1) with its HF names, in model order."""
-    yield Entry(**_fill(GLOBAL_RULES[0], {}), block=None)
-    for b, n, blk in (("lower", cfg.num_layers_lower, cfg.lower), ("upper", cfg.num_layers_upper, cfg.upper)):
-        if b == "upper":
-            for rule in ADAPTER_RULES[cfg.mlp]:
-                yield Entry(**_fill(rule, {}), block=None)
-        for i in range(n):
-            for rule in LAYER_RULES:
-                yield Entry(**_fill(rule, {"b": b, "B": _BLOCKS[b], "i": i}), block=blk)
-    head = VALUE_HEAD_RULES if cfg.head == "value" else GLOBAL_RULES[2:]
-    for rule in (GLOBAL_RULES[1], *head):
-        yield Entry(**_fill(rule, {}), block=None)
-
-
-def _fill(rule: Rule, subs: dict) -> dict:
-    return dict(mcore=rule.mcore.format(**subs), hf=tuple(h.format(**subs) for h in rule.hf),
-                kind=rule.kind, tp_axis=rule.tp_axis)
+    out: list[Mapping] = [ColumnParallel("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
+                                         ((cfg.vocab_size, cfg.lower.hidden_size),))]
+    for i in range(cfg.num_layers_lower):
+        out += _layer("lower", "layers_first", i, cfg.lower)
+    out += _adapter(cfg)
+    for i in range(cfg.num_layers_upper):
+        out += _layer("upper", "layers_last", i, cfg.upper)
+    out.append(Copy("final_layernorm.weight", ("model.norm.weight",), ((cfg.upper.hidden_size,),)))
+    return out + _head(cfg)
 
 
 def canonical_mcore_name(name: str) -> str:
@@ -106,88 +223,32 @@ def canonical_mcore_name(name: str) -> str:
     return name
 
 
-# ---- layout transforms --------------------------------------------------------------------
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blk: LlamaBlockConfig) -> torch.Tensor:
-    ng, hd, h = blk.num_key_value_heads, blk.kv_channels, q.shape[1]
-    hpg = blk.num_attention_heads // ng
-    return torch.cat([q.reshape(ng, hpg * hd, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)],
-                     dim=1).reshape(-1, h)
-
-
-def split_qkv(qkv: torch.Tensor, blk: LlamaBlockConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ng, hd, h = blk.num_key_value_heads, blk.kv_channels, qkv.shape[1]
-    hpg = blk.num_attention_heads // ng
-    g = qkv.reshape(ng, hpg + 2, hd, h)
-    return (g[:, :hpg].reshape(-1, h).clone(), g[:, hpg].reshape(-1, h).clone(),
-            g[:, hpg + 1].reshape(-1, h).clone())
-
-
-def to_mcore_tensor(e: Entry, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
-    if e.kind == QKV:
-        return merge_qkv(*hf_tensors, e.block)
-    if e.kind == FC1:
-        return torch.cat(hf_tensors, dim=0)
-    return hf_tensors[0]
-
-
-def to_hf_tensors(e: Entry, t: torch.Tensor) -> list[torch.Tensor]:
-    if e.kind == QKV:
-        return list(split_qkv(t, e.block))
-    if e.kind == FC1:
-        return [c.clone() for c in t.chunk(2, dim=0)]
-    return [t]
-
-
+# ---- whole state dicts in memory (thin loops over the table) ----------------------------------
 def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF split-model state dict -> full (TP=1) Megatron state dict."""
     out = {}
-    for e in entries(cfg):
-        missing = [n for n in e.hf if n not in hf]
+    for m in mappings(cfg):
+        missing = [n for n in m.hf if n not in hf]
         if missing:
-            raise KeyError(f"HF state dict lacks {missing} (needed for {e.mcore})")
-        out[e.mcore] = to_mcore_tensor(e, [hf[n] for n in e.hf])
+            raise KeyError(f"HF state dict lacks {missing} (needed for {m.mcore})")
+        out[m.mcore] = m.merge([hf[n] for n in m.hf])
     return out
 
 
-def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full (TP=1) Megatron state dict (local or TE names) -> HF split-model state dict."""
+def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: ModelConfig, partial: bool = False) -> dict[str, torch.Tensor]:
+    """Full (TP=1) Megatron state dict (local or TE names) -> HF split-model state dict (a copied
+    tensor is `mc`'s own; a split one owns its memory). `partial`: convert the tensors present
+    (one pipeline stage's)."""
     mc = {canonical_mcore_name(k): v for k, v in mc.items() if not k.endswith("_extra_state")}
     out = {}
-    for e in entries(cfg):
-        if e.mcore not in mc:
-            raise KeyError(f"Megatron state dict lacks {e.mcore}")
-        out.update(zip(e.hf, to_hf_tensors(e, mc[e.mcore])))
+    for m in mappings(cfg):
+        if m.mcore not in mc:
+            if partial:
+                continue
+            raise KeyError(f"Megatron state dict lacks {m.mcore}")
+        t = mc[m.mcore]
+        out.update(zip(m.hf, (p if p is t else p.clone() for p in m.split(t))))
     return out
-
-
-# ---- tensor parallel slicing ----------------------------------------------------------------
-def tp_shard(e: Entry, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """The slice of a full Megatron tensor that TP rank `rank` of `tp` holds."""
-    if tp == 1 or e.tp_axis is None:
-        return full
-    if e.kind == FC1:
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-    if e.kind == QKV and e.block.num_key_value_heads % tp:
-        raise ValueError(f"{e.mcore}: {e.block.num_key_value_heads} KV groups not divisible by TP {tp}")
-    return full.chunk(tp, dim=e.tp_axis)[rank].clone()
-
-
-def tp_unshard(e: Entry, shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `tp_shard`: the full tensor from every rank's slice (in rank order)."""
-    if len(shards) == 1 or e.tp_axis is None:
-        return shards[0]
-    if e.kind == FC1:
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-    return torch.cat(shards, dim=e.tp_axis)
-
-
-def shard_state_dict(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int,
-                     shard: Callable[[Entry, torch.Tensor, int, int], torch.Tensor] = tp_shard
-                     ) -> dict[str, torch.Tensor]:
-    """Full Megatron state dict -> TP rank `rank`'s local state dict."""
-    return {e.mcore: shard(e, full[e.mcore], tp, rank) for e in entries(cfg) if e.mcore in full}
 
 
 # ---- source checkpoints (the two original LLaMA models) -----------------------------------

@@ -14,7 +14,7 @@ from splitllama.model.megatron_config import Numerics, block_config
 from splitllama.model.model import SplitLlamaModel
 from splitllama.model.spec import resolve_impl
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.platform import cpu
+from splitllama.platform.device import device as local_device
 
 
 @dataclass
@@ -61,8 +61,7 @@ def attention_summary(built: BuiltModel, tp: int) -> str:
         note = " (Megatron DotProductAttention: materialises [b, h, s, s] scores)" \
             if built.attention_backend == "local" else ""
         return f"attention: {built.attention_backend}{note}"
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        and not cpu.enabled() else torch.device("cpu")
+    dev = local_device()
     lower, upper = built.block_configs
     return (f"attention: sdpa | lower block kernel {describe_kernel(lower, dev, tp)} | "
             f"upper block kernel {describe_kernel(upper, dev, tp)}")

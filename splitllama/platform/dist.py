@@ -12,15 +12,19 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from splitllama.config.parallel import ParallelConfig
 from splitllama.platform import cpu
 
+# The CPU harness this module enabled (init_distributed), released by shutdown().
+_harness: "cpu.Harness | None" = None
+
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10) -> bool:
     """Initialise torch.distributed (env:// from torchrun/SLURM, or a 1-process group) and
     Megatron's model-parallel groups. Returns True when running on CPU. `parallel` is taken as
     validated (the training run's `splitllama.config.resolve.resolve` did it for this world
     size; Megatron-Core refuses sizes that do not divide it)."""
+    global _harness
     on_cpu = cpu.wanted()
-    if on_cpu:
-        cpu.enable()
+    if on_cpu and _harness is None:
+        _harness = cpu.enable()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -54,7 +58,13 @@ def set_seed(seed: int) -> None:
 
 
 def shutdown() -> None:
+    """Tear down the model-parallel groups and the process group, then restore what the CPU
+    harness patched (torch and Megatron are as before `init_distributed`)."""
+    global _harness
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _harness is not None:
+        _harness.disable()
+        _harness = None

@@ -18,10 +18,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
 from splitllama.checkpoint import layout as ck
-from splitllama.checkpoint import writer_queue
+from splitllama.platform.compat import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
 from splitllama.errors import UsageError, is_disk_full
-from splitllama.training import optim_compat, optim_state
+from splitllama.platform.compat import optim as optim_compat
+from splitllama.training import optim_state
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")

@@ -12,7 +12,7 @@ from megatron.core import parallel_state as ps
 
 from splitllama.checkpoint import layout as ck
 from splitllama.config.model import PRESETS, LlamaBlockConfig
-from splitllama.platform import cpu
+from splitllama.platform.device import device as local_device
 
 WIDTH = 120
 
@@ -30,7 +30,7 @@ def stage_params(rt) -> list[tuple[int, int]]:
             trainable += p.numel() if p.requires_grad else 0
     first_dp = ps.get_data_parallel_rank() == 0
     pp = ps.get_pipeline_model_parallel_world_size()
-    mine = torch.zeros(pp, 2, dtype=torch.float64, device=cpu.device())
+    mine = torch.zeros(pp, 2, dtype=torch.float64, device=local_device())
     if first_dp:
         mine[ps.get_pipeline_model_parallel_rank()] = torch.tensor([total, trainable], dtype=torch.float64)
     dist.all_reduce(mine)

@@ -21,9 +21,9 @@ from splitllama.model.build import attention_summary, build_stage
 from splitllama.model.megatron_config import Numerics
 from splitllama.model.model import SplitLlamaModel
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.platform import cpu
+from splitllama.platform.device import device as local_device
 from splitllama.platform.dist import init_distributed
-from splitllama.training import optim_compat
+from splitllama.platform.compat import optim as optim_compat
 from splitllama.training.freeze import apply_freeze
 from splitllama.training.state import TrainState
 
@@ -129,7 +129,7 @@ def build_runtime(plan: RunPlan) -> Runtime:
     cfg.no_sync_func = ddp.no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.grad_scale_func = optimizer.scale_loss
-    total = torch.tensor([float(trainable)], device=cpu.device())
+    total = torch.tensor([float(trainable)], device=local_device())
     dist.all_reduce(total)
     return Runtime(plan=plan, ddp=ddp, inner=inner, optimizer=optimizer, scheduler=scheduler,
                    dp_rank=ps.get_data_parallel_rank(), trainable_params=trainable, frozen_params=frozen,
@@ -142,10 +142,10 @@ def _upstream_frozen(inner: SplitLlamaModel, layout: PipelineLayout) -> bool:
     local = not any(p.requires_grad for n, p in inner.named_parameters()
                     if n.startswith(("embedding.", "lower.")))
     group = ps.get_pipeline_model_parallel_group()
-    flag = torch.tensor([0.0 if local else 1.0], device=cpu.device())
+    flag = torch.tensor([0.0 if local else 1.0], device=local_device())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         # a stage's prefix is frozen iff this and every earlier stage's pre-adapter part is
-        flags = [torch.zeros(1, device=cpu.device()) for _ in range(ps.get_pipeline_model_parallel_world_size())]
+        flags = [torch.zeros(1, device=local_device()) for _ in range(ps.get_pipeline_model_parallel_world_size())]
         dist.all_gather(flags, flag, group=group)
         return all(f.item() == 0.0 for f in flags[: inner.stage + 1])
     return local

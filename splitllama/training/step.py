@@ -9,7 +9,7 @@ from megatron.core import parallel_state
 
 from splitllama.data.packing import packed_seq_params
 from splitllama.model.model import SplitLlamaModel
-from splitllama.platform import cpu
+from splitllama.platform.device import device as local_device
 
 
 def unwrap(model) -> SplitLlamaModel:
@@ -45,7 +45,7 @@ def get_batch(data_iterator: Optional[Iterator], model: SplitLlamaModel) -> dict
         return {}
     batch = next(data_iterator)
     check_batch_ids(batch, model.model_cfg.vocab_size)
-    dev = cpu.device()
+    dev = local_device()
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 

@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 def prototype_shard(e, full, tp, rank):
     """The original prototype's bug (DESIGN.md §4.1): q/k/v and gate/up concatenated, then
     chunked — wrong weights on every rank at TP > 1."""
-    from splitllama.convert.mapping import FC1, QKV, split_qkv, tp_shard
+    from splitllama.convert.mapping import QKV, GatedFC1
 
-    if tp > 1 and e.kind == QKV:
-        return torch.cat(split_qkv(full, e.block), dim=0).chunk(tp, dim=0)[rank].clone()
-    if tp > 1 and e.kind == FC1:
+    if tp > 1 and isinstance(e, QKV):
+        return torch.cat(e.split(full), dim=0).chunk(tp, dim=0)[rank].clone()
+    if tp > 1 and isinstance(e, GatedFC1):
         return full.chunk(tp, dim=0)[rank].clone()
-    return tp_shard(e, full, tp, rank)
+    return e.shard(full, tp, rank)
 
 
 def run_case(case: dict, tp: int) -> None:
@@ -36,7 +36,7 @@ def run_case(case: dict, tp: int) -> None:
     from splitllama.config.model import ModelConfig
     from splitllama.config.parallel import ParallelConfig
     from splitllama.convert.live import global_name, load_full_weights
-    from splitllama.convert.mapping import entries, hf_to_mcore, mcore_to_hf, tp_shard, tp_unshard
+    from splitllama.convert.mapping import hf_to_mcore, mappings, mcore_to_hf
     from splitllama.model.build import build_model
     from splitllama.model.megatron_config import Numerics
 
@@ -52,7 +52,7 @@ def run_case(case: dict, tp: int) -> None:
     full = hf_to_mcore(load_file(f"{case['hf_dir']}/model.safetensors"), cfg)
     rank = ps.get_tensor_model_parallel_rank()
     load_full_weights(model, full, cfg, built.layout, 0, tp, rank,
-                      shard=prototype_shard if case.get("prototype") else tp_shard)
+                      shard=prototype_shard if case.get("prototype") else None)
 
     critic = cfg.head == "value"
     data = load_file(case["tokens"])
@@ -73,7 +73,7 @@ def run_case(case: dict, tp: int) -> None:
         return parts
 
     full_logits = logits if critic else torch.cat(gather(logits), dim=-1)
-    by_name = {e.mcore: e for e in entries(cfg)}
+    by_name = {e.mcore: e for e in mappings(cfg)}
     grads, replicated_diff = {}, 0.0  # largest difference of a replicated grad between TP ranks
     for local, p in model.named_parameters():
         g = p.grad.detach().clone()
@@ -83,7 +83,7 @@ def run_case(case: dict, tp: int) -> None:
         shards = gather(g)
         if by_name[name].tp_axis is None:
             replicated_diff = max([replicated_diff] + [(s - shards[0]).abs().max().item() for s in shards])
-        grads[name] = tp_unshard(by_name[name], shards)
+        grads[name] = by_name[name].unshard(shards)
     hf_grads = mcore_to_hf(grads, cfg)
     if dist.get_rank() == 0:
         out = {"logits": full_logits, "loss": loss.detach(), "replicated_grad_diff": torch.tensor(replicated_diff)}

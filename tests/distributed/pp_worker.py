@@ -34,7 +34,7 @@ def run_case(case: dict) -> None:
     from splitllama.config.job import JobConfig
     from splitllama.config.model import ModelConfig
     from splitllama.convert.live import global_name, load_full_weights
-    from splitllama.convert.mapping import entries, hf_to_mcore, tp_unshard
+    from splitllama.convert.mapping import hf_to_mcore, mappings, mcore_to_hf
     from splitllama.training.loop import _schedule_kwargs
     from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
@@ -102,18 +102,18 @@ def run_case(case: dict) -> None:
         dist.all_gather(parts, t.contiguous(), group=tp_group)
         return parts
 
-    by_name = {e.mcore: e for e in entries(model_cfg)}
+    by_name = {e.mcore: e for e in mappings(model_cfg)}
     grads, owned = {}, {}
     for local, p in rt.inner.named_parameters():
         name = global_name(local, rt.layout, stage)
         owned[name] = p.numel()
-        grads[name] = tp_unshard(by_name[name], gather(p.main_grad.detach().clone()))
+        grads[name] = by_name[name].unshard(gather(p.main_grad.detach().clone()))
     out_dir = case["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     with open(f"{out_dir}/params_rank{dist.get_rank()}.json", "w") as f:
         json.dump({"stage": stage, "tp_rank": tp_rank, "params": owned}, f)
     if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
-        hf_grads = mcore_to_hf_partial(grads, model_cfg)
+        hf_grads = mcore_to_hf(grads, model_cfg, partial=True)
         save_file({k: v.contiguous() for k, v in hf_grads.items()}, f"{out_dir}/grads_stage{stage}.safetensors")
 
     # forward-only passes collecting, on the last stage, the logits of every micro-batch and
@@ -145,17 +145,6 @@ def run_case(case: dict) -> None:
             save_file({"logits": logits, "loss_sum_tokens": loss, "token_loss": per_token},
                       f"{out_dir}/outputs.safetensors")
     dist.barrier()
-
-
-def mcore_to_hf_partial(grads: dict, cfg) -> dict:
-    """mcore_to_hf for the subset of tensors one stage owns."""
-    from splitllama.convert.mapping import entries, to_hf_tensors
-
-    out = {}
-    for e in entries(cfg):
-        if e.mcore in grads:
-            out.update(zip(e.hf, to_hf_tensors(e, grads[e.mcore])))
-    return out
 
 
 def run_spec(run: Callable[[dict], None], path: str) -> None:

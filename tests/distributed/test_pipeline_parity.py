@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from splitllama.config.model import ModelConfig
-from splitllama.convert.mapping import entries
+from splitllama.convert.mapping import mappings
 from splitllama.hf.build import save_pretrained_with_code, split_from_llamas, tiny_llama_configs, tiny_llama_from_config
 from splitllama.pipeline.layout import PipelineLayout
 from tests.distributed.test_tp_parity import GRAD_TOL, LOGIT_TOL, rel_err
@@ -107,7 +107,7 @@ def test_no_rank_builds_what_it_does_not_own(results, name):
     lo, up = tiny_llama_configs()
     cfg = ModelConfig(lower=lo, upper=up, num_layers_lower=N, num_layers_upper=M, mlp=mlp)
     plan = PipelineLayout.parse(layout or f"L{N},A,U{M}")
-    numel = {e.mcore: _numel(e, cfg) for e in entries(cfg)}
+    numel = {e.mcore: _numel(e, cfg) for e in mappings(cfg)}
     for rank in range(world):
         info = json.loads((tmp / name / f"params_rank{rank}.json").read_text())
         s = plan.stages[info["stage"]]
@@ -120,7 +120,7 @@ def test_no_rank_builds_what_it_does_not_own(results, name):
                   (n.startswith("upper.layers.") and up_off <= int(n.split(".")[2]) < up_off + s.upper_layers)}
         assert set(info["params"]) == expect, (rank, info["stage"])
         for n, count in info["params"].items():  # TP shards: 1/tp of each split tensor
-            e = next(e for e in entries(cfg) if e.mcore == n)
+            e = next(e for e in mappings(cfg) if e.mcore == n)
             assert count == (numel[n] if e.tp_axis is None else numel[n] // tp), n
 
 

@@ -12,7 +12,7 @@ import torch
 from splitllama.config.job import load_job_config
 from splitllama.config.model import ModelConfig
 from splitllama.convert.keys import schema
-from splitllama.convert.mapping import entries
+from splitllama.convert.mapping import mappings
 from splitllama.hf.build import (critic_from_causal_lm, split_from_llamas, tiny_llama_configs,
                                  tiny_llama_from_config, value_head_weights)
 from splitllama.pipeline.cost import units_for
@@ -37,13 +37,13 @@ def test_seed_schema_round_trips_the_head():
 
 def test_mapping_and_schema_of_a_critic():
     lm, critic = ModelConfig(), ModelConfig(head="value")
-    lm_e, cr_e = {e.mcore: e for e in entries(lm)}, {e.mcore: e for e in entries(critic)}
+    lm_e, cr_e = {e.mcore: e for e in mappings(lm)}, {e.mcore: e for e in mappings(critic)}
     assert set(cr_e) == set(lm_e) | {"output_layer.bias"}
     assert cr_e["output_layer.weight"].hf == ("score.weight",) and cr_e["output_layer.bias"].hf == ("score.bias",)
     assert cr_e["output_layer.weight"].tp_axis is None and cr_e["output_layer.bias"].tp_axis is None  # replicated
     assert lm_e["output_layer.weight"].hf == ("lm_head.weight",) and lm_e["output_layer.weight"].tp_axis == 0
     sch = schema(critic)
-    assert sch["output_layer.weight"][1] == (1, 128) and sch["output_layer.bias"][1] == (1,)
+    assert sch["output_layer.weight"].shape == (1, 128) and sch["output_layer.bias"].shape == (1,)
 
 
 def test_cost_model_critic_head():

@@ -8,7 +8,8 @@ it then holds the parent's pipes open (a supervisor waiting for EOF hangs) and l
 parent's stdio, ignores the preemption signals meant for the trainer (SIGTERM/SIGUSR1/SIGINT
 sent to a whole job step would otherwise kill it and break the very save they ask for), and
 asks the kernel to kill it when the parent dies (Linux PR_SET_PDEATHSIG), and hands its
-queue to Megatron's writer.
+queue to Megatron's writer (by setting the private module global below, which Megatron's
+`_get_write_results_queue` fills lazily otherwise).
 """
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ import os
 import signal
 from multiprocessing.managers import SyncManager
 
+from splitllama.platform import patching
 from splitllama.platform.lifecycle import set_parent_death_signal
+from splitllama.platform.patching import Requirement
+
+REQUIRES = (
+    Requirement("megatron.core.dist_checkpointing.strategies.filesystem_async._results_queue",
+                "megatron-core 0.16.1",
+                "install() sets it to a queue of a Manager started here (detached, dies with "
+                "the trainer) before Megatron's lazy _get_write_results_queue() makes its own"),
+)
 
 _MANAGER: SyncManager | None = None
 
@@ -35,6 +45,7 @@ def _detach_and_die_with_parent() -> None:
 
 def install() -> None:
     global _MANAGER
+    patching.check(REQUIRES)
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if _MANAGER is not None or filesystem_async._results_queue is not None:

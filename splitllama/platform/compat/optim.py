@@ -1,6 +1,6 @@
 """Make Megatron-Core 0.16.1's DistributedOptimizer checkpoint with the plain torch Adam
 fallback (no Transformer Engine / apex), including on ranks that have no optimizer state
-yet (before the first step) — DESIGN.md §8:
+yet (before the first step). Written for megatron-core 0.16.1 (torch 2.13):
 
 1. `state_dict()` reads `step` from the torch optimizer's per-parameter state and asserts
    when there is none. `ensure_state` creates it the way torch Adam would on its first step
@@ -17,6 +17,16 @@ from __future__ import annotations
 
 import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from splitllama.platform import patching
+from splitllama.platform.patching import Requirement
+
+REQUIRES = (
+    Requirement("megatron.core.optimizer.distrib_optimizer.DistributedOptimizer."
+                "_set_main_param_and_optimizer_states", "megatron-core 0.16.1",
+                "tolerate_step wraps it per optimizer instance (2. above); it also reads the "
+                "instance's model_param_group_index_map"),
+)
 
 
 def _distributed(optimizer) -> list:
@@ -39,6 +49,7 @@ def ensure_state(optimizer) -> None:
 
 
 def tolerate_step(optimizer) -> None:
+    patching.check(REQUIRES)
     for opt in _distributed(optimizer):
         original = opt._set_main_param_and_optimizer_states
 

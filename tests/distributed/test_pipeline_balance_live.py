@@ -1,0 +1,70 @@
+"""The live pipeline balance report of a real PP=2 training run (2 processes, gloo, one thread
+each; issue 13, deliverable 4): a deliberately bad layout is flagged, its suggestion is the
+planner's layout over the measured costs, following it balances the measured pipeline, and
+``logging.pipeline_balance=false`` turns the report off."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from splitllama.config.job import load_job_config
+from splitllama.config.resolve import units_for_job
+from splitllama.pipeline.balance import measured_units
+from splitllama.pipeline.plan import plan
+from tests import apprun
+from tests.launch import REPO
+
+pytestmark = pytest.mark.distributed
+
+BAD = "L2,A,U2|U1"  # the tiny model's embedding, 2 lower layers, adapter and 2 of 3 upper on stage 0
+RUN = ["train.train_iters=20", "logging.log_interval=10", "train.global_batch_size=16",
+       "parallel.pipeline_model_parallel_size=2"]
+KEYS = {"stage_busy_s", "measured_bottleneck_over_ideal", "predicted_step_s", "measured_step_s",
+        "suggested_layout"}
+
+
+def _run(tmp_path, name: str, layout: str, *extra: str):
+    m = tmp_path / f"{name}.jsonl"
+    p = apprun.run(2, [*RUN, f"parallel.pipeline_layout={layout}", f"logging.metrics_file={m}", *extra])
+    return p.stdout, [r for r in apprun.metrics(m) if "loss" in r]
+
+
+def test_bad_layout_is_flagged_and_following_the_suggestion_balances_it(tmp_path):
+    out, recs = _run(tmp_path, "bad", BAD)
+    assert [r["iteration"] for r in recs] == [10, 20]
+    pb = recs[-1]["pipeline_balance"]
+    assert KEYS <= set(pb) and pb["layout"] == BAD
+    busy, step = pb["stage_busy_s"], pb["measured_step_s"]
+    assert len(busy) == 2 and all(b > 0 for b in busy)
+    assert step == recs[-1]["step_time_s"]
+    # busy excludes waiting on the neighbour: the light stage is idle for much of the step
+    assert busy[1] < 0.8 * step and max(busy) < step
+    assert pb["measured_bottleneck_over_ideal"] == pytest.approx(max(busy) * 2 / sum(busy))
+    assert pb["measured_bottleneck_over_ideal"] > 1.2, pb
+
+    # the suggestion is the exact planner's layout over the measured costs (the run's analytic
+    # unit costs scaled so each stage's prediction equals its measured busy time)
+    job = load_job_config(str(REPO / "configs/tiny.yaml"), RUN[2:])
+    m = 16 // 4
+    units = measured_units(units_for_job(job, 1), BAD, [b / m for b in busy])
+    best = plan(units, 2, "1f1b", None, m)
+    assert pb["suggested_layout"] == str(best.layout) != BAD
+    line = [ln for ln in out.splitlines() if ln.startswith("[pipeline balance] iter 20 ")]
+    assert len(line) == 1, out[-3000:]
+    assert f"layout {BAD} |" in line[0]
+    assert f"UNBALANCED: try parallel.pipeline_layout={best.layout} " in line[0]
+    share = re.search(r"stage busy share (\d+)% (\d+)%", line[0])
+    assert share and int(share[1]) == round(100 * busy[0] / sum(busy))
+    assert out.count("[pipeline balance]") == 2  # one line per log interval, from rank 0 only
+
+    # following the suggestion: the measured pipeline is more balanced
+    _, recs2 = _run(tmp_path, "suggested", best.layout)
+    pb2 = recs2[-1]["pipeline_balance"]
+    assert pb2["measured_bottleneck_over_ideal"] < pb["measured_bottleneck_over_ideal"], (pb, pb2)
+
+
+def test_report_off(tmp_path):
+    out, recs = _run(tmp_path, "off", BAD, "logging.pipeline_balance=false", "train.train_iters=10")
+    assert recs and all("pipeline_balance" not in r for r in recs)
+    assert "[pipeline balance]" not in out
