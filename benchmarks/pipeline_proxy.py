@@ -105,21 +105,20 @@ def predictions(yaml_path: str, profile_path: str, proxy: str, arms) -> dict:
     """Per arm: the layout the app will build and its predicted step time (measured-cost model),
     plus the analytic (H100) prediction for reference."""
     from splitllama.config.job import load_job_config
-    from splitllama.pipeline.measured import job_key, load_profile, stage_overhead, units_from_profile
-    from splitllama.pipeline.cost import units_for_job
-    from splitllama.pipeline.measured import calibrate
-    from splitllama.pipeline.plan import evaluate, plan, plan_job
+    from splitllama.config.resolve import num_microbatches, stage_plan, units_for_job
+    from splitllama.pipeline.measured import calibrate, job_key, load_profile, stage_overhead, units_from_profile
+    from splitllama.pipeline.plan import evaluate, plan
 
     pp = PART_C["pp"]
     base = _proxy_overrides(proxy)
     job = load_job_config(yaml_path, base)
     prof = load_profile(profile_path, job_key(job))
     units, over = units_from_profile(prof, job.model), stage_overhead(prof)
-    m = job.train.global_batch_size // job.train.micro_batch_size
+    m = num_microbatches(job.train, 1)
     out = {}
     for arm in arms:
         ov = [o.format(profile=profile_path) for o in ARM_OVERRIDES[arm]]
-        # the app's own choice (plan_job, as layout_select calls it); its environment key check
+        # the app's own choice (resolve.stage_plan, as the resolve step calls it); its environment key check
         # would need the children's thread count: the profile is checked here by job key only
         arm_job = load_job_config(yaml_path, base + [o for o in ov if "profile_file" not in o])
         if arm == "profile":
@@ -127,7 +126,7 @@ def predictions(yaml_path: str, profile_path: str, proxy: str, arms) -> dict:
         elif arm == "calibrated":
             chosen = plan(units_for_job(arm_job, 1, calibrate(prof, job.model)), pp, "1f1b", None, m)
         else:
-            chosen = plan_job(arm_job, world_size=pp)
+            chosen = stage_plan(arm_job, dp=1)
         ev = evaluate(chosen.layout, units, pp, None, m, arm, stage_overhead=over)
         analytic = evaluate(chosen.layout, units_for_job(job, 1), pp, None, m)
         out[arm] = {"layout": str(chosen.layout), "overrides": ov, "predicted_step_s": ev.step_time_s,

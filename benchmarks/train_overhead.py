@@ -124,6 +124,7 @@ def bare_worker(overrides: list[str], iters: int, out: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from splitllama.config.job import load_job_config
+    from splitllama.config.resolve import resolve
     from splitllama.data.datasets import build_datasets
     from splitllama.data.iterator import build_data_iterator
     from splitllama.data.tokenizers import build_tokenizer
@@ -132,12 +133,12 @@ def bare_worker(overrides: list[str], iters: int, out: str) -> None:
     from splitllama.platform.dist import init_distributed, shutdown
 
     job = load_job_config(os.path.join(REPO, CONFIG), [*COMMON, *overrides, f"train.train_iters={iters}"])
+    plan = resolve(job, 1)
+    job = plan.job  # the validated sections with effective values (data.vocab_size)
     par, tr, opt = job.parallel, job.train, job.optimizer
     assert par.pipeline_model_parallel_size == 1 and par.tensor_model_parallel_size == 1
     on_cpu = init_distributed(par, seed=tr.seed)
     assert on_cpu, "this benchmark is for the CPU harness"
-    if job.data.tokenizer_type == "null" and job.data.vocab_size is None:
-        job.data.vocab_size = job.model.vocab_size
     numerics = Numerics(params_dtype=torch.float32, bf16=False, use_cpu_initialization=True)
     model = build_model(job.model, par, numerics).model
     ddp = DistributedDataParallel(
@@ -183,7 +184,7 @@ def bare_worker(overrides: list[str], iters: int, out: str) -> None:
         return out, lambda o: loss_func(b["loss_mask"], o)
 
     fb = get_forward_backward_func()
-    num_mb = tr.global_batch_size // tr.micro_batch_size
+    num_mb = plan.num_microbatches
     import resource
 
     times, losses, cpu, flt = [], [], [], []
@@ -229,11 +230,12 @@ def profile_worker(overrides: list[str], iters: int, warmup: int, out: str) -> N
     from splitllama.platform.dist import shutdown
     from splitllama.training import loop
     from splitllama.training.app import setup_data
+    from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 
     job = load_job_config(os.path.join(REPO, CONFIG), [*COMMON, *overrides, f"train.train_iters={iters}"])
-    rt = build_runtime(job)
+    rt = build_runtime(run_plan(job))
     setup_data(rt)
     fb = get_forward_backward_func()
     parts: dict[str, list[float]] = {}

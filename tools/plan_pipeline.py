@@ -16,6 +16,7 @@ beyond max_position_embeddings).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,8 +27,9 @@ if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without P
 from splitllama.config.cli import config_parser  # noqa: E402
 from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
 from splitllama.errors import cli_main  # noqa: E402
-from splitllama.pipeline.cost import Hardware, units_for_job  # noqa: E402
-from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform  # noqa: E402
+from splitllama.config.resolve import check_model, check_parallel, split_inputs  # noqa: E402
+from splitllama.pipeline.cost import Hardware  # noqa: E402
+from splitllama.pipeline.plan import evaluate, params_balanced, plan, uniform  # noqa: E402
 from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to_dict, summary_line  # noqa: E402
 
 
@@ -73,23 +75,20 @@ def _overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def _main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     job = load_job_config(args.config, _overrides(args, extra))
-    par, tr = job.parallel, job.train
-    pp, dp = par.pipeline_model_parallel_size, args.dp
-    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
-        par.sequence_parallel = False  # planning at tp=1 from a tp>1 config
+    if job.parallel.sequence_parallel and job.parallel.tensor_model_parallel_size == 1:
+        # planning at tp=1 from a tp>1 config: no sequence parallelism
+        job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, sequence_parallel=False))
+    par, tr, dp = job.parallel, job.train, args.dp
     # the training run's own checks of what a plan depends on (one `error:` line, exit 2)
-    par.validate(par.tensor_model_parallel_size * pp * dp)
+    check_parallel(job, par.tensor_model_parallel_size * par.pipeline_model_parallel_size * dp)
     tr.check_values()
-    job.model.validate(par.tensor_model_parallel_size)
-    job.model.check_pipeline_size(pp)
-    job.model.check_seq_length(job.data.seq_length)
+    check_model(job)
     if args.profile or par.profile_file:  # measured costs: splitllama/pipeline/profile_cli.py
         from splitllama.pipeline.profile_cli import run as run_profile
         return run_profile(job, dp, args.profile, args.profile_out, args.json)
     hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
-    units = units_for_job(job, dp, hw)
-    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
-    budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
+    s = split_inputs(job, dp, hw)
+    units, pp, m, budget = s.units, s.pp, s.num_microbatches, s.memory_budget
 
     results, errors = {}, {}
     makers = {"planned": lambda: plan(units, pp, "1f1b", budget, m),

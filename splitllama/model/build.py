@@ -17,10 +17,6 @@ from splitllama.pipeline.layout import PipelineLayout
 from splitllama.platform.device import device as local_device
 
 
-def single_stage_layout(model: ModelConfig) -> PipelineLayout:
-    return PipelineLayout.parse(f"L{model.num_layers_lower},A,U{model.num_layers_upper}")
-
-
 @dataclass
 class BuiltModel:
     model: SplitLlamaModel
@@ -32,19 +28,27 @@ class BuiltModel:
 
 def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
                 layout: Optional[PipelineLayout] = None, stage: Optional[int] = None) -> BuiltModel:
-    """The stage of the model this rank owns. `layout` is required when PP > 1."""
+    """The stage of the model this rank owns, for callers without a `RunPlan` (tests,
+    benchmarks): validates the model and the layout first. `layout` is required when PP > 1."""
     pp = parallel.pipeline_model_parallel_size
     model_cfg.validate(parallel.tensor_model_parallel_size)
     if layout is None:
         if pp > 1:
             raise ValueError("pipeline_model_parallel_size > 1 needs a pipeline layout")
-        layout = single_stage_layout(model_cfg)
+        layout = PipelineLayout.single_stage(model_cfg.num_layers_lower, model_cfg.num_layers_upper)
     layout.validate(model_cfg.num_layers_lower, model_cfg.num_layers_upper, pp)
+    return build_stage(model_cfg, parallel, numerics, layout, stage)
+
+
+def build_stage(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
+                layout: PipelineLayout, stage: Optional[int] = None) -> BuiltModel:
+    """The stage of the model this rank owns, from settings already validated (a `RunPlan`'s
+    job sections and layout; see `splitllama.config.resolve`)."""
+    pp = parallel.pipeline_model_parallel_size
     if stage is None:
         stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
     impl = resolve_impl(model_cfg.transformer_impl)
     backend = resolve_backend(model_cfg.attention_backend, impl)
-    numerics.transformer_engine = impl == "transformer_engine"
     lower = block_config(model_cfg, "lower", parallel, layout, numerics)
     upper = block_config(model_cfg, "upper", parallel, layout, numerics)
     model = SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl, backend)

@@ -23,7 +23,6 @@ class Numerics:
     recompute_granularity: Optional[str] = None  # None | "full" | "selective"
     recompute_method: Optional[str] = None  # "uniform" | "block" (full recompute)
     recompute_num_layers: Optional[int] = None
-    transformer_engine: bool = False
 
 
 def block_config(model: ModelConfig, which: str, parallel: ParallelConfig,

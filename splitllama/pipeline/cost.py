@@ -184,11 +184,3 @@ def units_for(model_cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, d
                       2 * 2 * tokens * h_up / sp_div + 6 * logits, 0,
                       fwd_traffic=logits * (2 + 3 * 4), bwd_traffic=logits * (4 + 4 + 2)))
     return units
-
-
-def units_for_job(job, dp: int = 1, hardware: Optional[Hardware] = None) -> list[Unit]:
-    """`units_for` with the shapes and settings of a `JobConfig` (bf16 unless train.bf16 is false)."""
-    return units_for(job.model, job.data.seq_length, job.train.micro_batch_size,
-                     job.parallel.tensor_model_parallel_size, dp, job.train.recompute_granularity,
-                     4 if job.train.bf16 is False else 2, job.parallel.use_distributed_optimizer,
-                     sequence_parallel=job.parallel.sequence_parallel, hardware=hardware)

@@ -90,6 +90,11 @@ class PipelineLayout:
             pos += s
         return cls.from_counts(units, num_lower, num_upper)
 
+    @classmethod
+    def single_stage(cls, num_lower: int, num_upper: int) -> "PipelineLayout":
+        """The whole chain on one stage (PP = 1)."""
+        return cls((Stage(num_lower, True, num_upper),))
+
     # ---- queries ----------------------------------------------------------------------------
     @property
     def pp(self) -> int:

@@ -234,7 +234,7 @@ def calibrate(profile: Profile, model_cfg: ModelConfig) -> Hardware:
     return fit_hardware(obs)
 
 
-# ---- job glue (called by plan_job: which units to plan over) -----------------------------------
+# ---- the job's profile (read by config.resolve.split_costs) ---------------------------------------
 def _expected_key(job) -> dict:
     from splitllama.pipeline.profile import environment_key  # torch: the device this job runs on
 
@@ -253,21 +253,3 @@ def job_profile(job, take: Optional[Callable] = None) -> Optional[Profile]:
             from splitllama.pipeline.profile import take_profile_for_job as take
         take(job, par.profile_file)
     return load_profile(par.profile_file, _expected_key(job))
-
-
-def job_units(job, dp: int = 1, hardware: Optional[Hardware] = None,
-              profile: Optional[Profile] = None) -> tuple[list[Unit], Optional[StageOverhead]]:
-    """(units, per-stage overhead) the job's plan is made over: measured for
-    ``pipeline_split=profile``; analytic otherwise — with `calibrate`d Hardware when
-    ``parallel.profile_file`` is set and no ``hardware`` is given (H100 defaults without one)."""
-    from splitllama.pipeline.cost import units_for_job
-
-    par = job.parallel
-    if profile is None and par.profile_file and (par.pipeline_split == "profile" or hardware is None):
-        profile = job_profile(job)
-    if par.pipeline_split == "profile":
-        return (units_from_profile(profile, job.model, dp, par.use_distributed_optimizer),
-                stage_overhead(profile, dp, par.use_distributed_optimizer))
-    if hardware is None and profile is not None:
-        hardware = calibrate(profile, job.model)
-    return units_for_job(job, dp, hardware), None

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Callable, Optional, Sequence
 
-from splitllama.pipeline.cost import Hardware, Unit, units_for_job
+from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.layout import PipelineLayout
 
 GiB = float(2 ** 30)
@@ -170,6 +169,13 @@ class StagePlan:
         """Ideal step (m * total / pp, no bubble, perfect balance) over the predicted step."""
         m = self.num_microbatches
         return None if m is None else m * self.total_time / len(self.stages) / self.step_time_s
+
+
+def microbatches_per_step(global_batch: int, micro_batch: int, dp: int) -> int:
+    """Micro-batches per step on one data-parallel rank: THE formula (the resolve step and the
+    layout search call it); at least 1, since the planning tool may be asked about a global batch
+    smaller than micro_batch x dp."""
+    return max(1, global_batch // (micro_batch * dp))
 
 
 # ---- chain helpers ----------------------------------------------------------------------------
@@ -409,49 +415,3 @@ def params_balanced(units: Sequence[Unit], pp: int, memory_budget: Optional[floa
     (embedding and head included), blind to FLOPs and memory; costed like any plan."""
     sizes = _solve(units, pp, _weight_cost(units, pp, lambda u: float(u.param_count)))
     return _result("params_balanced", units, sizes, num_microbatches, memory_budget, stage_overhead)
-
-
-# ---- job glue (what the training app calls) ----------------------------------------------------
-def plan_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
-             hardware: Optional[Hardware] = None) -> StagePlan:
-    """Cost the job's pipeline split: ``parallel.pipeline_layout`` when set (parsed, validated,
-    costed), else ``parallel.pipeline_split`` = cost (planner; analytic costs, calibrated when
-    ``parallel.profile_file`` is set) | uniform | params | profile (planner over the measured
-    unit times and per-stage costs of ``parallel.profile_file``), under
-    ``parallel.memory_budget_gb``. ``dp`` defaults to world_size / (tp * pp), else 1.
-    Warns (does not raise) when an explicit / uniform / params split exceeds the budget."""
-    par, tr = job.parallel, job.train
-    pp = par.pipeline_model_parallel_size
-    if dp is None:
-        if world_size is not None:
-            par.validate(world_size)
-        dp = 1 if world_size is None else world_size // (par.tensor_model_parallel_size * pp)
-    from splitllama.pipeline.measured import job_units  # the one branch point: which units
-
-    units, overhead = job_units(job, dp, hardware)
-    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
-    budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
-    if par.pipeline_layout:
-        result = evaluate(par.pipeline_layout, units, pp, budget, m, stage_overhead=overhead)
-    elif par.pipeline_split == "profile":
-        result = plan(units, pp, "1f1b", budget, m, stage_overhead=overhead)
-    elif par.pipeline_split == "cost":
-        result = plan(units, pp, "1f1b", budget, m)
-    elif par.pipeline_split == "uniform":
-        result = uniform(units, pp, budget, m)
-    elif par.pipeline_split == "params":
-        result = params_balanced(units, pp, budget, m)
-    else:
-        raise ValueError(f"parallel.pipeline_split must be cost|uniform|params|profile, got '{par.pipeline_split}'")
-    if not result.fits:
-        worst = max(s.memory_total for s in result.stages)
-        warnings.warn(f"pipeline layout '{result.layout}' ({result.method}) is predicted to need "
-                      f"{worst / GiB:.1f} GiB on its largest stage, over the budget of "
-                      f"{par.memory_budget_gb} GiB per GPU")
-    return result
-
-
-def plan_for_job(job, world_size: Optional[int] = None, *, dp: Optional[int] = None,
-                 hardware: Optional[Hardware] = None) -> PipelineLayout:
-    """The `PipelineLayout` the training app should build (see `plan_job`)."""
-    return plan_job(job, world_size, dp=dp, hardware=hardware).layout

@@ -24,7 +24,6 @@ Per-step costs (what does not move with the micro-batches, `measured.StepCosts`)
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import os
 import statistics
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from splitllama.pipeline.measured import Profile, StepCosts, UnitTiming, job_key, write_profile
+from splitllama.platform.device import device as local_device
 
 GPU_P2P_ESTIMATE = (10e-6, 1.0 / 100e9)  # latency s, s/byte: stated estimate without a second rank
 PING_BYTES = 4096
@@ -85,12 +85,9 @@ def _cpu_name() -> str:
 
 def _profile_job(job):
     """A copy of the job holding one lower and one upper layer on one stage."""
-    j = copy.deepcopy(job)
-    j.model = replace(j.model, num_layers_lower=1, num_layers_upper=1, freeze="none")
-    j.parallel.pipeline_model_parallel_size = 1
-    j.parallel.pipeline_layout, j.parallel.pipeline_split = None, "uniform"
-    j.parallel.profile_file, j.parallel.profile_if_missing = None, False
-    return j
+    return replace(job, model=replace(job.model, num_layers_lower=1, num_layers_upper=1, freeze="none"),
+                   parallel=replace(job.parallel, pipeline_model_parallel_size=1, pipeline_layout=None,
+                                    pipeline_split="uniform", profile_file=None, profile_if_missing=False))
 
 
 def _timer(on_cuda: bool) -> Callable[[], float]:
@@ -111,7 +108,7 @@ def _unit_fns(rt, seq: int, b: int):
 
     from splitllama.platform import cpu
 
-    m, inner, dev = rt.job.model, rt.inner, cpu.device()
+    m, inner, dev = rt.job.model, rt.inner, local_device()
     sp = inner.config.sequence_parallel
     s_local = seq // ps.get_tensor_model_parallel_world_size() if sp else seq
     dtype = inner.config.params_dtype
@@ -268,15 +265,12 @@ def _p2p_costs(boundary_bytes: int, on_cuda: bool, reps: int = 20) -> tuple[floa
 def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True) -> Profile:
     """Profile the job's units on this device (initialises torch.distributed at the job's TP when
     it is not running yet: under torchrun every rank must call this)."""
+    from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
-    from splitllama.pipeline.layout import PipelineLayout
 
-    pj = _profile_job(job)
     t_start = time.perf_counter()
-    rt = build_runtime(pj, PipelineLayout.parse("L1,A,U1"))
-    from splitllama.platform import cpu
-
-    on_cuda = cpu.device().type == "cuda"
+    rt = build_runtime(run_plan(_profile_job(job)))  # one stage: L1,A,U1
+    on_cuda = local_device().type == "cuda"
     key = {**job_key(job), **environment_key(job)}
     seq, b = job.data.seq_length, job.train.micro_batch_size
     units = _time_units(rt, seq, b, warmup, reps, on_cuda)

@@ -29,13 +29,13 @@ from splitllama.pipeline.report import format_side_by_side, plan_to_dict, summar
 
 def plans_from_profile(job, prof: Profile, dp: int = 1) -> dict:
     """{"profile", "uniform", "cost"} StagePlans, all costed with the measured units."""
-    from splitllama.pipeline.cost import units_for_job
+    from splitllama.config.resolve import num_microbatches, units_for_job  # lazy: resolve imports pipeline
 
     par, tr = job.parallel, job.train
     pp = par.pipeline_model_parallel_size
     units = units_from_profile(prof, job.model, dp, par.use_distributed_optimizer)
     over = stage_overhead(prof, dp, par.use_distributed_optimizer)
-    m = max(1, tr.global_batch_size // (tr.micro_batch_size * dp))
+    m = num_microbatches(tr, dp)
     budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
     analytic = plan(units_for_job(job, dp, calibrate(prof, job.model)), pp, "1f1b", budget, m)
     return {"profile": replace(plan(units, pp, "1f1b", budget, m, stage_overhead=over), method="profile"),

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Sequence
 
 from splitllama.config.model import ModelConfig
 from splitllama.pipeline.cost import Hardware, Unit, units_for
-from splitllama.pipeline.plan import GiB, StagePlan, plan
+from splitllama.pipeline.plan import GiB, StagePlan, microbatches_per_step, plan
 
 RECOMPUTE_OPTIONS = ("none", "selective", "full")
 TIE_RTOL = 1e-9
@@ -184,7 +184,7 @@ def search(model_cfg: ModelConfig, gpus: int, seq: int, global_batch: int, memor
             for mbs in divisors(global_batch // dp):
                 if micro_batch_sizes is not None and mbs not in micro_batch_sizes:
                     continue
-                m = global_batch // (mbs * dp)
+                m = microbatches_per_step(global_batch, mbs, dp)
                 for rc in recompute:
                     units = source(model_cfg, seq, mbs, tp, dp, rc, sequence_parallel=tp > 1)
                     if units is None or _memory_lower_bound(units, pp, m) > memory_budget:

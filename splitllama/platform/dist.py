@@ -18,7 +18,9 @@ _harness: "cpu.Harness | None" = None
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10) -> bool:
     """Initialise torch.distributed (env:// from torchrun/SLURM, or a 1-process group) and
-    Megatron's model-parallel groups. Returns True when running on CPU."""
+    Megatron's model-parallel groups. Returns True when running on CPU. `parallel` is taken as
+    validated (the training run's `splitllama.config.resolve.resolve` did it for this world
+    size; Megatron-Core refuses sizes that do not divide it)."""
     global _harness
     on_cpu = cpu.wanted()
     if on_cpu and _harness is None:
@@ -32,7 +34,6 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: in
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("gloo" if on_cpu else "nccl",
                                 timeout=datetime.timedelta(minutes=timeout_min))
-    parallel.validate(dist.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

@@ -1,6 +1,7 @@
 """The training application: config -> runtime -> (load) -> train or evaluate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from splitllama.checkpoint import layout as ck
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
+from splitllama.config.resolve import RunPlan
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
@@ -27,14 +29,15 @@ SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp",
 FIELD_DEFAULTS = {"head": "lm"}  # checkpoints written before the field existed
 
 
-def adopt_checkpoint_model(job: JobConfig) -> None:
-    """A checkpoint that holds a model config defines the model; an explicitly configured
-    model section that disagrees with it is an error naming each differing field."""
+def adopt_checkpoint_model(job: JobConfig) -> JobConfig:
+    """The job with the model of the checkpoint to load: a checkpoint that holds a model config
+    defines the model; an explicitly configured model section that disagrees with it is an
+    error naming each differing field. (`job` itself is not changed.)"""
     if not job.checkpoint.load:
-        return
+        return job
     saved = ck.read_json(ck.resolve(job.checkpoint.load), ck.MODEL_CONFIG)
     if saved is None:
-        return
+        return job
     try:
         ckpt_model = ModelConfig(**{k: saved[k] if k in saved else FIELD_DEFAULTS[k] for k in SHAPE_FIELDS})
     except (KeyError, TypeError) as e:
@@ -46,8 +49,8 @@ def adopt_checkpoint_model(job: JobConfig) -> None:
                 if "head" in explicit and job.model.head != ckpt_model.head else "")
         raise ValueError(f"the model section conflicts with the checkpoint {job.checkpoint.load}: "
                          f"{'; '.join(diffs)}; drop the model section to use the checkpoint's model{hint}")
-    for key in SHAPE_FIELDS:
-        setattr(job.model, key, getattr(ckpt_model, key))
+    model = dataclasses.replace(job.model, **{key: getattr(ckpt_model, key) for key in SHAPE_FIELDS})
+    return dataclasses.replace(job, model=model)
 
 
 def flops_per_iteration(job: JobConfig) -> float:
@@ -78,7 +81,6 @@ def setup_data(rt: Runtime, tok=None):
         return build_data_iterator(ds, tr.micro_batch_size, start, rt.dp_rank, rt.dp_size,
                                    num_workers=job.data.num_workers, cyclic=True)
 
-    rt.train_ds, rt.valid_ds = train_ds, valid_ds
     rt.train_iter = make(train_ds, rt.state.consumed_train_samples)
     return (lambda: make(valid_ds, 0)) if valid_ds is not None else None
 
@@ -91,7 +93,8 @@ def _say(text: str) -> None:
 def run(job: JobConfig) -> int:
     """Everything that can be checked is checked before torch.distributed starts: the save
     directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
-    files of the checkpoint to load."""
+    files of the checkpoint to load. The loaded `job` is not changed: where the run starts and
+    the checkpoint's model make a new job, which the resolve step turns into the `RunPlan`."""
     c = job.checkpoint
     lock = None
     if c.save and not job.train.eval_only and int(os.environ.get("RANK", "0")) == 0:
@@ -99,23 +102,23 @@ def run(job: JobConfig) -> int:
         if lock.note:
             _say(f"note: {c.save}: {lock.note}")
     try:
-        resume.resolve_resume(c, _say)
+        c = resume.resolve_resume(c, _say)
         if not job.train.eval_only:
             resume.guard_save_dir(c)
-        adopt_checkpoint_model(job)
-        layout = preflight.validate_job(job)
-        tok = build_tokenizer(job.data)
-        check_vocab(tok, job.model.vocab_size)
+        plan = preflight.run_plan(adopt_checkpoint_model(dataclasses.replace(job, checkpoint=c)))
+        tok = build_tokenizer(plan.job.data)
+        check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(ck.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(job, layout, tok)
+        return _run(plan, tok)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(job: JobConfig, layout, tok) -> int:
-    rt = build_runtime(job, layout)
+def _run(plan: RunPlan, tok) -> int:
+    rt = build_runtime(plan)
+    job = rt.job
     rank0 = dist.get_rank() == 0
     stages = report.stage_params(rt)  # collective
     if rank0:

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from splitllama.config.resolve import split_units
 from splitllama.pipeline.balance import BalanceReport, analyze
-from splitllama.pipeline.cost import Unit, units_for_job
+from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.plan import GiB, evaluate
 from splitllama.platform.device import device as local_device
 from splitllama.training.stage_timers import StageTimers
@@ -25,12 +26,12 @@ from splitllama.training.stage_timers import StageTimers
 
 class BalanceMonitor:
     def __init__(self, rt, units: Optional[Sequence[Unit]] = None) -> None:
-        """``units``: the run's unit costs (default: the analytic ones of the job's shapes)."""
+        """``units``: the run's unit costs (default: those its pipeline split was chosen on)."""
         par = rt.job.parallel
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.layout = rt.layout
         self.num_microbatches = rt.num_microbatches
-        self.units = list(units) if units is not None else units_for_job(rt.job, rt.dp_size)
+        self.units = list(units) if units is not None else split_units(rt.job, rt.dp_size)
         self.budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
         self.predicted_step_s = evaluate(self.layout, self.units, self.pp, self.budget,
                                          self.num_microbatches).step_time_s

@@ -14,6 +14,7 @@ replace them. `checkpoint.overwrite=true` allows both.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Optional
 
@@ -37,18 +38,18 @@ def _summary(root: str) -> str:
     return ", ".join(parts)
 
 
-def resolve_resume(c: CheckpointConfig, say: Callable[[str], None]) -> None:
-    """Settle `c.load` for the resume-or-start idiom (see the module docstring)."""
+def resolve_resume(c: CheckpointConfig, say: Callable[[str], None]) -> CheckpointConfig:
+    """`c` with `load` settled for the resume-or-start idiom (see the module docstring); `c`
+    itself is not changed."""
     if not _same(c.load, c.save):
-        return
+        return c
     root = c.load
     if not ck.holds_checkpoints(root):
         say(f"no checkpoint in {root} yet: starting from scratch")
-        c.load = None
-        return
+        return dataclasses.replace(c, load=None)
     try:
         ck.resolve(root)
-        return
+        return c
     except (FileNotFoundError, ValueError) as e:
         problem = str(e)
     done = ck.list_complete(root)
@@ -56,13 +57,12 @@ def resolve_resume(c: CheckpointConfig, say: Callable[[str], None]) -> None:
         if c.overwrite:
             say(f"{problem}; no complete checkpoint in {root}: starting from scratch "
                 f"(checkpoint.overwrite=true)")
-            c.load = None
-            return
+            return dataclasses.replace(c, load=None)
         raise UsageError(f"{problem}, and {root} holds no complete checkpoint to fall back to; "
                          f"refusing to train from scratch over it (move it away, or set "
                          f"checkpoint.overwrite=true)")
-    c.load = done[-1][1]
-    say(f"warning: {problem}; resuming from the newest complete checkpoint {c.load} instead")
+    say(f"warning: {problem}; resuming from the newest complete checkpoint {done[-1][1]} instead")
+    return dataclasses.replace(c, load=done[-1][1])
 
 
 def guard_save_dir(c: CheckpointConfig) -> None:

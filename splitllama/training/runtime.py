@@ -1,5 +1,5 @@
-"""Build everything a run needs, from a JobConfig: process groups, the model stage, DDP,
-optimizer, LR schedule, data iterators — megatron-core only, no megatron/training."""
+"""Build everything a run needs, from a resolved `RunPlan`: process groups, the model stage,
+DDP, optimizer, LR schedule, data iterators — megatron-core only, no megatron/training."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,8 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from splitllama.config.job import JobConfig
-from splitllama.model.build import attention_summary, build_model
+from splitllama.config.resolve import RunPlan
+from splitllama.model.build import attention_summary, build_stage
 from splitllama.model.megatron_config import Numerics
 from splitllama.model.model import SplitLlamaModel
 from splitllama.pipeline.layout import PipelineLayout
@@ -24,7 +25,6 @@ from splitllama.platform.device import device as local_device
 from splitllama.platform.dist import init_distributed
 from splitllama.platform.compat import optim as optim_compat
 from splitllama.training.freeze import apply_freeze
-from splitllama.training.preflight import validate_job
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
@@ -32,23 +32,37 @@ log = logging.getLogger("splitllama")
 
 @dataclass
 class Runtime:
-    job: JobConfig
-    on_cpu: bool
-    layout: PipelineLayout
+    plan: RunPlan  # what the run was resolved to (splitllama.config.resolve)
     ddp: DistributedDataParallel
     inner: SplitLlamaModel
     optimizer: object
     scheduler: OptimizerParamScheduler
-    dp_size: int
     dp_rank: int
-    num_microbatches: int
     trainable_params: int
     frozen_params: int
     trainable_params_global: int
     state: TrainState = field(default_factory=TrainState)
     train_iter: Optional[Iterator] = None
-    valid_ds: object = None
-    train_ds: object = None
+
+    @property
+    def job(self) -> JobConfig:
+        return self.plan.job
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.plan.on_cpu
+
+    @property
+    def layout(self) -> PipelineLayout:
+        return self.plan.layout
+
+    @property
+    def dp_size(self) -> int:
+        return self.plan.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.plan.num_microbatches
 
     @property
     def is_last_stage(self) -> bool:
@@ -59,25 +73,26 @@ class Runtime:
         return self.inner.pre_process
 
 
-def build_runtime(job: JobConfig, layout: Optional[PipelineLayout] = None) -> Runtime:
-    """`layout`: the one `preflight.validate_job` chose before the process group started
-    (validated here when not given)."""
+def build_runtime(plan: RunPlan) -> Runtime:
+    """Start torch.distributed for `plan` (resolved before, from the job and the launcher's
+    world size) and build the model stage, DDP, optimizer and LR schedule."""
+    job = plan.job
     par, tr = job.parallel, job.train
     on_cpu = init_distributed(par, seed=tr.seed)
-    world = dist.get_world_size()
-    dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
-    if layout is None:
-        layout = validate_job(job, world)
-    bf16 = tr.bf16 if tr.bf16 is not None else not on_cpu
+    if dist.get_world_size() != plan.world_size or on_cpu != plan.on_cpu:
+        raise RuntimeError(f"the run was resolved for {plan.world_size} process(es) on "
+                           f"{'cpu' if plan.on_cpu else 'cuda'}, but torch.distributed started "
+                           f"{dist.get_world_size()} on {'cpu' if on_cpu else 'cuda'}")
+    layout, bf16 = plan.layout, plan.bf16
     numerics = Numerics(params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
                         use_cpu_initialization=on_cpu,
-                        recompute_granularity=tr.recompute_granularity,
-                        recompute_method=tr.recompute_method,
-                        recompute_num_layers=tr.recompute_num_layers)
-    built = build_model(job.model, par, numerics, layout)
+                        recompute_granularity=plan.recompute.granularity,
+                        recompute_method=plan.recompute.method,
+                        recompute_num_layers=plan.recompute.num_layers)
+    built = build_stage(job.model, par, numerics, layout)
     inner = built.model
     if dist.get_rank() == 0:
-        print(attention_summary(built, par.tensor_model_parallel_size), flush=True)
+        print(attention_summary(built, plan.tp), flush=True)
     if not on_cpu:
         inner.cuda(torch.cuda.current_device())
     trainable, frozen = apply_freeze(inner, job.model.freeze)
@@ -116,11 +131,8 @@ def build_runtime(job: JobConfig, layout: Optional[PipelineLayout] = None) -> Ru
     cfg.grad_scale_func = optimizer.scale_loss
     total = torch.tensor([float(trainable)], device=local_device())
     dist.all_reduce(total)
-    return Runtime(job=job, on_cpu=on_cpu, layout=layout, ddp=ddp, inner=inner,
-                   optimizer=optimizer, scheduler=scheduler, dp_size=dp,
-                   dp_rank=ps.get_data_parallel_rank(),
-                   num_microbatches=tr.global_batch_size // (tr.micro_batch_size * dp),
-                   trainable_params=trainable, frozen_params=frozen,
+    return Runtime(plan=plan, ddp=ddp, inner=inner, optimizer=optimizer, scheduler=scheduler,
+                   dp_rank=ps.get_data_parallel_rank(), trainable_params=trainable, frozen_params=frozen,
                    trainable_params_global=int(total.item()))
 
 

@@ -20,6 +20,7 @@ def run_case(case: dict) -> None:
     from splitllama.config.job import JobConfig
     from splitllama.training.app import setup_data
     from splitllama.training.loop import _schedule_kwargs
+    from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 
@@ -35,7 +36,7 @@ def run_case(case: dict) -> None:
     d.reset_position_ids = d.reset_attention_mask = case["reset"]
     job.train.micro_batch_size = job.train.global_batch_size = 1
     job.train.train_iters, job.train.eval_interval = 1, 0
-    rt = build_runtime(job)
+    rt = build_runtime(run_plan(job))
     setup_data(rt)
     if not (rt.is_first_stage or rt.is_last_stage):
         assert rt.train_iter is not None or not case["reset"], "middle stage got no data iterator"

@@ -36,6 +36,7 @@ def run_case(case: dict) -> None:
     from splitllama.convert.live import global_name, load_full_weights
     from splitllama.convert.mapping import hf_to_mcore, mappings, mcore_to_hf
     from splitllama.training.loop import _schedule_kwargs
+    from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 
@@ -62,7 +63,7 @@ def run_case(case: dict) -> None:
     job.parallel.sequence_parallel = case.get("sp", False)
     job.train.micro_batch_size, job.train.global_batch_size = 1, n_mb
     job.data.seq_length = seq
-    rt = build_runtime(job)
+    rt = build_runtime(run_plan(job))
     for blk in (getattr(rt.inner, b) for b in ("lower", "upper") if hasattr(rt.inner, b)):
         core = type(blk.layers[0].self_attention.core_attention).__name__
         assert core == {"local": "DotProductAttention", "sdpa": "SDPAttention"}[model_cfg.attention_backend], core

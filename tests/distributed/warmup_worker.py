@@ -18,12 +18,13 @@ def main() -> None:
     from splitllama.config.job import load_job_config
     from splitllama.training.app import setup_data
     from splitllama.training.loop import train_step
+    from splitllama.training.preflight import run_plan
     from splitllama.training.runtime import build_runtime
 
     out, overrides = sys.argv[1], sys.argv[2:]
     job = load_job_config("configs/tiny.yaml", ["model.freeze=all_but_adapter", "train.train_iters=5",
                                                 "train.eval_interval=0", *overrides])
-    rt = build_runtime(job)
+    rt = build_runtime(run_plan(job))
     setup_data(rt)
     before = {n: p.detach().clone() for n, p in rt.inner.named_parameters()}
     grad_modes = []

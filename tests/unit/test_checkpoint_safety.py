@@ -218,7 +218,7 @@ def test_resume_or_start_from_an_empty_or_debris_only_dir(tmp_path):
     (tmp_path / "ck" / "iter_0000004.tmp").mkdir(parents=True)  # a crashed first save
     c = CheckpointConfig(save=str(tmp_path / "ck"), load=str(tmp_path / "ck"))
     lines, say = _said()
-    resolve_resume(c, say)
+    c = resolve_resume(c, say)
     assert c.load is None and "starting from scratch" in lines[0]
     guard_save_dir(c)  # nothing to protect
 
@@ -231,7 +231,7 @@ def test_broken_latest_falls_back_to_the_newest_complete(tmp_path):
     (root / "latest").write_text("iter_0000006\n")
     c = CheckpointConfig(save=str(root), load=str(root))
     lines, say = _said()
-    resolve_resume(c, say)
+    c = resolve_resume(c, say)
     assert c.load == str(four)
     assert "iter_0000006, which is not a complete checkpoint" in lines[0] and "newest complete" in lines[0]
     guard_save_dir(c)
@@ -245,7 +245,7 @@ def test_no_complete_checkpoint_refuses_to_start_from_scratch(tmp_path):
     with pytest.raises(UsageError, match="holds no complete checkpoint to fall back to; refusing to train from scratch"):
         resolve_resume(c, print)
     c.overwrite = True
-    resolve_resume(c, print)
+    c = resolve_resume(c, print)
     assert c.load is None
 
 

@@ -117,5 +117,5 @@ def test_critic_config_refuses_an_lm_checkpoint(ckpts):
     with pytest.raises(ValueError, match="model.head: config 'value', checkpoint 'lm'.*lm-to-critic"):
         adopt_checkpoint_model(job)
     job = load_job_config(None, [f"checkpoint.load={root / 'critic_lm'}"])  # adopted from the checkpoint
-    adopt_checkpoint_model(job)
+    job = adopt_checkpoint_model(job)
     assert job.model.head == "value"

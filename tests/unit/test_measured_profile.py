@@ -20,7 +20,8 @@ from splitllama.pipeline.cost import Hardware, units_for
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.pipeline.measured import (Profile, StepCosts, UnitTiming, calibrate, fit_hardware, job_key,
                                           load_profile, stage_overhead, units_from_profile, write_profile)
-from splitllama.pipeline.plan import StageOverhead, evaluate, one_f_one_b_makespan, plan, plan_job, uniform
+from splitllama.config.resolve import split_costs, stage_plan, units_for_job
+from splitllama.pipeline.plan import StageOverhead, evaluate, one_f_one_b_makespan, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -56,12 +57,12 @@ def test_profile_reused_not_retaken(tmp_path, no_profiling):
     path = str(tmp_path / "p.json")
     write_profile(_profile(_job()), path)
     job = _job("parallel.pipeline_split=profile", f"parallel.profile_file={path}", "parallel.profile_if_missing=true")
-    units, over = measured.job_units(job)
+    units, over = split_costs(job, 1)
     by_kind = {u.kind: u for u in units}
     for kind, (f, b) in TIMES.items():
         assert (by_kind[kind].fwd_time, by_kind[kind].bwd_time) == (f, b)
     assert over.optimizer_s_per_param == COSTS.optimizer_s_per_param
-    p = plan_job(job)
+    p = stage_plan(job, dp=1)
     assert p.overhead is not None and p.method == "planned"
 
 
@@ -69,13 +70,13 @@ def test_missing_profile_taken_only_when_asked(tmp_path):
     path = str(tmp_path / "new.json")
     job = _job("parallel.pipeline_split=profile", f"parallel.profile_file={path}")
     with pytest.raises(UsageError, match="no such file.*--profile"):
-        measured.job_units(job)
+        split_costs(job, 1)
     calls = []
 
     def fake_take(j, p):
         calls.append(p)
         write_profile(_profile(j), p)
-    job.parallel.profile_if_missing = True
+    job = _job("parallel.pipeline_split=profile", f"parallel.profile_file={path}", "parallel.profile_if_missing=true")
     prof = measured.job_profile(job, take=fake_take)
     assert calls == [path] and prof.units["upper"].fwd_s == TIMES["upper"][0]
     measured.job_profile(job, take=fake_take)  # the file now exists: not taken again
@@ -90,7 +91,7 @@ def test_mismatch_refused_naming_key(tmp_path, override, key, no_profiling):
     write_profile(_profile(_job()), path)
     job = _job("parallel.pipeline_split=profile", f"parallel.profile_file={path}", override)
     with pytest.raises(UsageError, match=f"key '{key}' is") as e:
-        measured.job_units(job)
+        split_costs(job, 1)
     assert "\n" not in str(e.value)
 
 
@@ -206,12 +207,11 @@ def test_cost_split_uses_calibrated_hardware(tmp_path):
     job = _job()
     write_profile(_profile(job), path)
     cal = _job(f"parallel.profile_file={path}")
-    units, over = measured.job_units(cal)
+    units, over = split_costs(cal, 1)
     assert over is None
     hw = calibrate(load_profile(path, job_key(cal)), cal.model)
-    from splitllama.pipeline.cost import units_for_job
     assert [u.time for u in units] == [u.time for u in units_for_job(cal, 1, hw)]
-    assert [u.time for u in measured.job_units(job)[0]] == [u.time for u in units_for_job(job, 1)]  # H100
+    assert [u.time for u in split_costs(job, 1)[0]] == [u.time for u in units_for_job(job, 1)]  # H100
 
 
 # ---- a real profile of the tiny model (one process, CPU) -----------------------------------------

@@ -16,7 +16,8 @@ from splitllama.config.job import load_job_config
 from splitllama.config.model import ModelConfig
 from splitllama.pipeline.cost import Unit, units_for
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, plan_for_job, plan_job, uniform
+from splitllama.config.resolve import check_parallel, stage_plan
+from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = str(ROOT / "configs" / "llama3_8b_70b.yaml")
@@ -205,20 +206,20 @@ def test_explicit_layout_validation(bad, match):
 
 def test_plan_for_job_paths():
     job = load_job_config(CFG)
-    assert str(plan_for_job(job, world_size=32)) == str(plan(
+    assert str(stage_plan(job, check_parallel(job, 32)[2]).layout) == str(plan(
         units_for(job.model, 4096, 1, 8, 1, "selective"), 4).layout)
     job = load_job_config(CFG, ["parallel.pipeline_split=uniform"])
-    assert str(plan_for_job(job, dp=1)) == "L10|L10|L10|L2,A,U8"
+    assert str(stage_plan(job, dp=1).layout) == "L10|L10|L10|L2,A,U8"
     job = load_job_config(CFG, ["parallel.pipeline_split=params"])
-    assert plan_job(job, dp=1).method == "params_balanced"
+    assert stage_plan(job, dp=1).method == "params_balanced"
     job = load_job_config(CFG, ["parallel.pipeline_layout=L16|L16,A|U4|U4"])
-    assert str(plan_for_job(job, dp=1)) == "L16|L16,A|U4|U4"
+    assert str(stage_plan(job, dp=1).layout) == "L16|L16,A|U4|U4"
     job = load_job_config(CFG, ["parallel.pipeline_layout=L16|L16,A|U8"])
     with pytest.raises(ValueError, match="pipeline_model_parallel_size is 4"):
-        plan_for_job(job, dp=1)
+        stage_plan(job, dp=1)
     job = load_job_config(CFG, ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false",
                                 "parallel.pipeline_split=uniform", "parallel.memory_budget_gb=40"])
     with pytest.warns(UserWarning, match="over the budget"):
-        plan_for_job(job, dp=1)
+        stage_plan(job, dp=1)
     with pytest.raises(ValueError, match="not divisible"):
-        plan_for_job(load_job_config(CFG), world_size=30)
+        check_parallel(load_job_config(CFG), 30)
