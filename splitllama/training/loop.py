@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from typing import Optional
 
 import torch
@@ -18,7 +19,6 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from splitllama.platform import cpu
 from splitllama.training import checkpoint, signals
 from splitllama.training.metrics import MetricsSink, peak_tflops
-from splitllama.training import step as step_mod
 from splitllama.training.step import forward_step, pipeline_shapes_hook
 
 log = logging.getLogger("splitllama")
@@ -63,16 +63,18 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _fault_nan_iters() -> set[int]:
+    """Fault injection (docs/reliability.md): the iterations whose loss is made NaN."""
     return {int(x) for x in os.environ.get("SPLITLLAMA_FAULT_NAN_ITERS", "").split(",") if x.strip()}
 
 
-def train_step(rt) -> tuple[float, Optional[float], bool]:
-    """One global batch. Returns (loss, grad_norm, applied)."""
-    step_mod.INJECT_NAN = rt.state.iteration + 1 in _fault_nan_iters()
+def train_step(rt, inject_nan: bool = False) -> tuple[float, Optional[float], bool]:
+    """One global batch. Returns (loss, grad_norm, applied). `inject_nan`: fault injection,
+    the step's loss and gradients become NaN."""
     rt.ddp.zero_grad_buffer()
     rt.optimizer.zero_grad()
     fb = get_forward_backward_func()
-    losses = fb(forward_step_func=forward_step, data_iterator=rt.train_iter, model=[rt.ddp],
+    step_func = partial(forward_step, inject_nan=True) if inject_nan else forward_step
+    losses = fb(forward_step_func=step_func, data_iterator=rt.train_iter, model=[rt.ddp],
                 num_microbatches=rt.num_microbatches, forward_only=False, **_schedule_kwargs(rt))
     loss = reduce_loss(rt, losses)
     if not (math.isfinite(loss) and _grads_finite(rt)):
@@ -148,13 +150,14 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
     start_iter, t_window, n_window = st.iteration, time.time(), 0
     stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
     rank0 = dist.get_rank() == 0
+    nan_iters = _fault_nan_iters()
     try:
         while st.iteration < total:
             if _any_rank(signals.received() is not None):
                 return _on_signal(rt, rank0)
             if job.checkpoint.async_save:
                 checkpoint.finalize_pending()
-            loss, grad_norm, applied = train_step(rt)
+            loss, grad_norm, applied = train_step(rt, inject_nan=st.iteration + 1 in nan_iters)
             st.iteration += 1
             st.consumed_train_samples += tr.global_batch_size
             if applied:
