@@ -21,6 +21,7 @@ from splitllama.platform.dist import shutdown
 from splitllama.training import checkpoint, preflight, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
+from splitllama.training.signals import PreemptionFlag
 
 log = logging.getLogger("splitllama")
 SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp", "head")
@@ -88,7 +89,7 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(job: JobConfig) -> int:
+def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
     """Everything that can be checked is checked before torch.distributed starts: the save
     directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
     files of the checkpoint to load."""
@@ -108,13 +109,13 @@ def run(job: JobConfig) -> int:
         check_vocab(tok, job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(ck.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(job, layout, tok)
+        return _run(job, layout, tok, preemption)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(job: JobConfig, layout, tok) -> int:
+def _run(job: JobConfig, layout, tok, preemption: Optional[PreemptionFlag]) -> int:
     rt = build_runtime(job, layout)
     rank0 = dist.get_rank() == 0
     stages = report.stage_params(rt)  # collective
@@ -130,13 +131,14 @@ def _run(job: JobConfig, layout, tok) -> int:
         if rank0:
             print(json.dumps({"eval_loss": val}), flush=True)
         return 0
-    return train(rt, flops_per_iteration(job), make_valid)
+    return train(rt, flops_per_iteration(job), make_valid, preemption)
 
 
-def run_job(job: JobConfig) -> int:
-    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down."""
+def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down.
+    `preemption`: the flag `signals.install()` returned (None: no signal is honoured)."""
     try:
-        return run(job)
+        return run(job, preemption)
     finally:
         shutdown()
 

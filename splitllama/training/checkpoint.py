@@ -95,17 +95,33 @@ def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
                                            metadata=dict(SHARDED_METADATA))
 
 
-_ASYNC = None  # AsyncCallsQueue, created on the first asynchronous save
+class AsyncSaves:
+    """The asynchronous saves of one training run (the loop owns one): Megatron's
+    AsyncCallsQueue, created on the first `checkpoint.async_save` save."""
+
+    def __init__(self) -> None:
+        self._queue = None
+
+    def schedule(self, request) -> None:
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        self._queue.schedule_async_request(request)
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Complete asynchronous saves whose shards are written (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
 
 
-def save(rt, root: str) -> str:
+def save(rt, root: str, saves: AsyncSaves) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     With `checkpoint.async_save` the shards are written by a background process and the
-    checkpoint becomes `latest` only when `finalize_pending()` sees every rank finished
+    checkpoint becomes `latest` only when `saves.finalize()` sees every rank finished
     (the loop polls it each iteration, and blocks on it before the next save and at exit)."""
-    global _ASYNC
-    finalize_pending(blocking=True)  # at most one save in flight
+    saves.finalize(blocking=True)  # at most one save in flight
     it = rt.state.iteration
     writer_queue.install()
     tmp = os.path.join(root, ck.tmp_dirname(it))
@@ -140,13 +156,10 @@ def save(rt, root: str) -> str:
     final = os.path.join(root, ck.iter_dirname(it))
     try:
         if rt.job.checkpoint.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
             request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
             _write_rng(tmp, rng)
             request.add_finalize_fn(complete)
-            _ASYNC = _ASYNC or AsyncCallsQueue()
-            _ASYNC.schedule_async_request(request)
+            saves.schedule(request)
             return final
         dist_checkpointing.save(sd, tmp)
         _write_rng(tmp, rng)
@@ -163,12 +176,6 @@ def save(rt, root: str) -> str:
 def _write_rng(tmp: str, rng: dict) -> None:
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     save_file(rng, _rng_file(tmp))
-
-
-def finalize_pending(blocking: bool = False) -> None:
-    """Complete asynchronous saves whose shards are written (collective)."""
-    if _ASYNC is not None:
-        _ASYNC.maybe_finalize_async_calls(blocking=blocking)
 
 
 def load(rt, path: str, finetune: bool) -> None:

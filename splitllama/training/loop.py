@@ -17,7 +17,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.platform import cpu
-from splitllama.training import checkpoint, signals
+from splitllama.training import checkpoint
+from splitllama.training.signals import PreemptionFlag
 from splitllama.training.metrics import MetricsSink, peak_tflops
 from splitllama.training.step import forward_step, pipeline_shapes_hook
 
@@ -105,10 +106,10 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def save_checkpoint(rt, root: str) -> str:
+def save_checkpoint(rt, root: str, saves: checkpoint.AsyncSaves) -> str:
     """checkpoint.save (collective) plus one line on rank 0 saying what went where."""
     t0 = time.time()
-    path = checkpoint.save(rt, root)
+    path = checkpoint.save(rt, root, saves)
     if dist.get_rank() == 0:
         if rt.job.checkpoint.async_save:
             print(f"checkpoint of iteration {rt.state.iteration} being written in the background "
@@ -119,15 +120,15 @@ def save_checkpoint(rt, root: str) -> str:
     return path
 
 
-def _on_signal(rt, rank0: bool) -> int:
+def _on_signal(rt, rank0: bool, saves: checkpoint.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
     ck, it = rt.job.checkpoint, rt.state.iteration
-    sig = signals.received() or signal.SIGTERM
+    sig = (preemption.received() if preemption is not None else None) or signal.SIGTERM
     name = signal.Signals(sig).name
     if ck.save_on_signal and ck.save:
-        path = checkpoint.save(rt, ck.save)
-        checkpoint.finalize_pending(blocking=True)
+        path = checkpoint.save(rt, ck.save, saves)
+        saves.finalize(blocking=True)
         if rank0:
             print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
         return 0
@@ -138,9 +139,11 @@ def _on_signal(rt, rank0: bool) -> int:
     return 128 + sig
 
 
-def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
+def train(rt, flops_per_iteration: float, make_valid_iter,
+          preemption: Optional[PreemptionFlag] = None) -> int:
     """Run until train_iters; returns the process exit code (0 when finished or after a signal
-    save; 128 + signal when a signal stopped it with no checkpoint)."""
+    save; 128 + signal when a signal stopped it with no checkpoint). `preemption`: the flag
+    the entry point installed (checked before every iteration, on all ranks together)."""
     job, tr, st = rt.job, rt.job.train, rt.state
     sink = MetricsSink(job.logging, job.to_dict())
     total = tr.total_iters()
@@ -151,12 +154,13 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
     stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
     rank0 = dist.get_rank() == 0
     nan_iters = _fault_nan_iters()
+    saves = checkpoint.AsyncSaves()
     try:
         while st.iteration < total:
-            if _any_rank(signals.received() is not None):
-                return _on_signal(rt, rank0)
+            if _any_rank(preemption is not None and preemption.received() is not None):
+                return _on_signal(rt, rank0, saves, preemption)
             if job.checkpoint.async_save:
-                checkpoint.finalize_pending()
+                saves.finalize()
             loss, grad_norm, applied = train_step(rt, inject_nan=st.iteration + 1 in nan_iters)
             st.iteration += 1
             st.consumed_train_samples += tr.global_batch_size
@@ -204,16 +208,16 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
             ck = job.checkpoint
             if ck.save and ck.save_interval and st.iteration % ck.save_interval == 0:
-                save_checkpoint(rt, ck.save)
+                save_checkpoint(rt, ck.save, saves)
             if stop_after is not None and st.iteration >= stop_after and st.iteration < total:
                 if ck.save:
-                    save_checkpoint(rt, ck.save)
+                    save_checkpoint(rt, ck.save, saves)
                 return 0
         if job.checkpoint.save and (not job.checkpoint.save_interval or st.iteration % job.checkpoint.save_interval):
-            save_checkpoint(rt, job.checkpoint.save)
+            save_checkpoint(rt, job.checkpoint.save, saves)
         if rank0:
             print(f"done: {st.iteration - start_iter} iterations this run, {st.skipped_iterations} skipped", flush=True)
         return 0
     finally:
-        checkpoint.finalize_pending(blocking=True)
+        saves.finalize(blocking=True)
         sink.close()
