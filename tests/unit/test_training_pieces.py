@@ -8,6 +8,7 @@ import torch
 
 from splitllama.checkpoint import layout as ck
 from splitllama.training.freeze import apply_freeze, trainable_predicate
+from splitllama.training.state import TrainState
 
 
 def test_freeze_rules():
@@ -24,6 +25,16 @@ def test_freeze_rules():
     m.output_layer = torch.nn.Linear(3, 4, bias=False)
     assert apply_freeze(m, "all_but_adapter") == (6, 12)
     assert m.adapter.weight.requires_grad and not m.output_layer.weight.requires_grad
+
+
+def test_train_state_reads_older_checkpoints():
+    """train_state.json of older checkpoints holds consumed_valid_samples (removed, never
+    advanced) next to the scheduler and layout: those keys are ignored, the counters kept."""
+    old = {"iteration": 7, "consumed_train_samples": 56, "consumed_valid_samples": 0, "skipped_iterations": 1,
+           "consecutive_skipped": 0, "floating_point_operations": 3.5, "scheduler": {"num_steps": 56}}
+    st = TrainState.from_dict(old)
+    assert (st.iteration, st.consumed_train_samples, st.skipped_iterations, st.floating_point_operations) == (7, 56, 1, 3.5)
+    assert "consumed_valid_samples" not in st.to_dict()
 
 
 def test_checkpoint_layout_atomic_finalize_and_prune(tmp_path):
