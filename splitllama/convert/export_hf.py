@@ -1,4 +1,4 @@
-"""torch_dist -> HF split model (seed layout, DESIGN.md §1), streamed tensor by tensor.
+"""torch_dist -> HF split model (the seed's HF layout, docs/design.md §1), streamed tensor by tensor.
 
 Writes sharded safetensors (+ index when more than one shard), config.json in the seed schema
 (CustomSplitLLamaConfig with embedded LLaMA configs and ``auto_map``), generation_config.json and

@@ -5,7 +5,7 @@ state-dict names; the TE spec's fused norm names are accepted as aliases). Names
 side are the seed's split layout (``model.layers_first.{i}``, ``model.layers_last.{j}``...);
 `source_name()` maps those to the two original LLaMA checkpoints for import.
 
-Layouts (DESIGN.md §3):
+Layouts (docs/design.md §3):
 - linear_qkv: per KV group, that group's query heads, then its k, then its v. A TP rank
   holds a plain dim-0 chunk (needs groups % tp == 0).
 - linear_fc1: cat(gate, up); a TP rank holds cat(gate.chunk(tp)[r], up.chunk(tp)[r]).
