@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
 
 from splitllama.checkpoint import layout as ck
 from splitllama.training.freeze import apply_freeze, trainable_predicate
+from splitllama.training import signals
 from splitllama.training.state import TrainState
 
 
@@ -25,6 +27,21 @@ def test_freeze_rules():
     m.output_layer = torch.nn.Linear(3, 4, bias=False)
     assert apply_freeze(m, "all_but_adapter") == (6, 12)
     assert m.adapter.weight.requires_grad and not m.output_layer.weight.requires_grad
+
+
+def test_preemption_flag_is_set_by_its_own_handlers_only():
+    """signals.install() returns the flag its handlers set (no module state): a second flag
+    replaces the first as the handler; SIGUSR1 is recorded, not fatal."""
+    saved = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    try:
+        first = signals.install()
+        second = signals.install()
+        assert first.received() is None and second.received() is None
+        signal.raise_signal(signal.SIGUSR1)  # handlers run before it returns
+        assert second.received() == signal.SIGUSR1 and first.received() is None
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 def test_train_state_reads_older_checkpoints():
