@@ -1,5 +1,5 @@
 """Checkpoints on disk, shared by training and the converter (no torch.distributed in the pure
-ones): ``layout`` (directory layout: ``latest``, ``iter_N``, ``COMPLETE``, atomic finalize,
+ones): ``dirs`` (directory layout: ``latest``, ``iter_N``, ``COMPLETE``, atomic finalize,
 prune), ``lock`` (one writer per save directory), ``dcp_metadata`` (reading ``.metadata``
 without unpickling, file-size checks), ``model_io`` (the model's sharded state dict and a
 weights-only load), ``writer_queue`` (the results queue of Megatron-Core's async writer).

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.config.model import HEADS, LlamaBlockConfig, ModelConfig
 from splitllama.convert.buffers import BufferPool
 from splitllama.convert.dist_writer import Piece, write_torch_dist
@@ -229,10 +229,10 @@ def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: 
     tmp_root = f"{out}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp_root)
-        iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
+        iter_tmp = os.path.join(tmp_root, dirs.tmp_dirname(0))
         write_torch_dist(iter_tmp, pieces, {}, on_written, release=release)
-        layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
-        final = layout.finalize(tmp_root, iter_tmp, 0)
+        dirs.write_json(iter_tmp, dirs.MODEL_CONFIG, cfg.to_dict())
+        final = dirs.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)

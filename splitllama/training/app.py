@@ -9,7 +9,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from splitllama.checkpoint import dcp_metadata
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
@@ -33,13 +33,13 @@ def adopt_checkpoint_model(job: JobConfig) -> None:
     model section that disagrees with it is an error naming each differing field."""
     if not job.checkpoint.load:
         return
-    saved = ck.read_json(ck.resolve(job.checkpoint.load), ck.MODEL_CONFIG)
+    saved = dirs.read_json(dirs.resolve(job.checkpoint.load), dirs.MODEL_CONFIG)
     if saved is None:
         return
     try:
         ckpt_model = ModelConfig(**{k: saved[k] if k in saved else FIELD_DEFAULTS[k] for k in SHAPE_FIELDS})
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{job.checkpoint.load}: corrupt {ck.MODEL_CONFIG} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{job.checkpoint.load}: corrupt {dirs.MODEL_CONFIG} ({type(e).__name__}: {e})") from None
     explicit = tuple(k for k in SHAPE_FIELDS if f"model.{k}" in job.explicit)
     diffs = job.model.differences(ckpt_model, explicit)
     if diffs:
@@ -108,7 +108,7 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         tok = build_tokenizer(job.data)
         check_vocab(tok, job.model.vocab_size)
         if c.load:
-            dcp_metadata.verify(ck.resolve(c.load))  # restricted read of .metadata, file sizes
+            dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
         return _run(job, layout, tok, preemption)
     finally:
         if lock is not None:

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.checkpoint import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
 from splitllama.errors import UsageError, is_disk_full
@@ -52,7 +52,7 @@ def _save_failed(root: str, tmp: str, it: int, exc: BaseException) -> BaseExcept
     shutil.rmtree(tmp, ignore_errors=True)
     if not full:
         return exc
-    latest = ck.latest_name(root)
+    latest = dirs.latest_name(root)
     last = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
     return SaveFailed(f"no space left on device saving the checkpoint of iteration {it} to {root} "
                       f"({last[-1][:200]}); removed the partial "
@@ -124,7 +124,7 @@ def save(rt, root: str, saves: AsyncSaves) -> str:
     saves.finalize(blocking=True)  # at most one save in flight
     it = rt.state.iteration
     writer_queue.install()
-    tmp = os.path.join(root, ck.tmp_dirname(it))
+    tmp = os.path.join(root, dirs.tmp_dirname(it))
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
@@ -146,14 +146,14 @@ def save(rt, root: str, saves: AsyncSaves) -> str:
         if os.environ.get(FAULT_KILL_IN_SAVE) == str(it):  # fault injection: crash-in-save test
             os.kill(os.getpid(), signal.SIGKILL)
         if dist.get_rank() == 0:
-            ck.write_json(tmp, ck.MODEL_CONFIG, model_dict)
-            with open(os.path.join(tmp, ck.JOB_CONFIG), "w") as f:
+            dirs.write_json(tmp, dirs.MODEL_CONFIG, model_dict)
+            with open(os.path.join(tmp, dirs.JOB_CONFIG), "w") as f:
                 f.write(job_yaml)
-            ck.write_json(tmp, ck.TRAIN_STATE, meta)
-            ck.finalize(root, tmp, it)
-            ck.prune(root, keep)
+            dirs.write_json(tmp, dirs.TRAIN_STATE, meta)
+            dirs.finalize(root, tmp, it)
+            dirs.prune(root, keep)
 
-    final = os.path.join(root, ck.iter_dirname(it))
+    final = os.path.join(root, dirs.iter_dirname(it))
     try:
         if rt.job.checkpoint.async_save:
             request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
@@ -181,14 +181,14 @@ def _write_rng(tmp: str, rng: dict) -> None:
 def load(rt, path: str, finetune: bool) -> None:
     """Resume (weights, optimizer, scheduler, RNG, data position, iteration) or, with
     `finetune`, take the weights only and start at iteration 0."""
-    ckpt = ck.resolve(path)
+    ckpt = dirs.resolve(path)
     if finetune:
         load_model_weights(rt.inner, ckpt)
         log.info("loaded weights from %s (finetune: fresh optimizer, iteration 0)", ckpt)
         return
-    meta = ck.read_json(ckpt, ck.TRAIN_STATE)
+    meta = dirs.read_json(ckpt, dirs.TRAIN_STATE)
     if meta is None:
-        raise ValueError(f"{ckpt} holds no {ck.TRAIN_STATE}: it is a weights-only checkpoint "
+        raise ValueError(f"{ckpt} holds no {dirs.TRAIN_STATE}: it is a weights-only checkpoint "
                          f"(e.g. converted from HF); load it with checkpoint.finetune=true")
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}

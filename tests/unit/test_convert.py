@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.convert.cli import main as cli_main
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.export_hf import export_hf
@@ -65,8 +65,8 @@ def test_import_writes_the_mapping_tables_tensors(src, tmp_path, mlp):
     for k in want:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
     # layout: root/latest -> iter_0000000 with COMPLETE, model_config.json, Megatron metadata
-    assert layout.resolve(str(tmp_path / "ckpt")) == res.path and res.path.endswith("iter_0000000")
-    cfg = json.loads(open(os.path.join(res.path, layout.MODEL_CONFIG)).read())
+    assert dirs.resolve(str(tmp_path / "ckpt")) == res.path and res.path.endswith("iter_0000000")
+    cfg = json.loads(open(os.path.join(res.path, dirs.MODEL_CONFIG)).read())
     assert (cfg["num_layers_lower"], cfg["num_layers_upper"], cfg["mlp"]) == (N, M, mlp)
     assert json.load(open(os.path.join(res.path, "metadata.json")))["sharded_backend"] == "torch_dist"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp directory left

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.training.freeze import apply_freeze, trainable_predicate
 from splitllama.training import signals
 from splitllama.training.state import TrainState
@@ -57,20 +57,20 @@ def test_train_state_reads_older_checkpoints():
 def test_checkpoint_layout_atomic_finalize_and_prune(tmp_path):
     root = str(tmp_path)
     for it in (10, 20, 30):
-        tmp = os.path.join(root, ck.tmp_dirname(it))
+        tmp = os.path.join(root, dirs.tmp_dirname(it))
         os.makedirs(tmp)
-        assert not ck.is_complete(tmp)
-        ck.finalize(root, tmp, it)
-    assert ck.resolve(root).endswith("iter_0000030")
-    os.makedirs(os.path.join(root, ck.tmp_dirname(40)))  # a crashed save: never loadable
-    assert ck.resolve(root).endswith("iter_0000030")
+        assert not dirs.is_complete(tmp)
+        dirs.finalize(root, tmp, it)
+    assert dirs.resolve(root).endswith("iter_0000030")
+    os.makedirs(os.path.join(root, dirs.tmp_dirname(40)))  # a crashed save: never loadable
+    assert dirs.resolve(root).endswith("iter_0000030")
     with pytest.raises(ValueError, match="neither a complete checkpoint"):
-        ck.resolve(os.path.join(root, ck.tmp_dirname(40)))
+        dirs.resolve(os.path.join(root, dirs.tmp_dirname(40)))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ck.resolve(os.path.join(root, "nope"))
-    removed = ck.prune(root, keep_last=2)
+        dirs.resolve(os.path.join(root, "nope"))
+    removed = dirs.prune(root, keep_last=2)
     assert [os.path.basename(p) for p in removed] == ["iter_0000010"]
-    assert [i for i, _ in ck.list_complete(root)] == [20, 30]
+    assert [i for i, _ in dirs.list_complete(root)] == [20, 30]
 
 
 def test_tensorboard_sink_writes_events(tmp_path, monkeypatch):
