@@ -18,7 +18,7 @@ from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpoint, preflight, report, resume
+from splitllama.training import checkpointing, preflight, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 from splitllama.training.signals import PreemptionFlag
@@ -122,7 +122,7 @@ def _run(job: JobConfig, layout, tok, preemption: Optional[PreemptionFlag]) -> i
     if rank0:
         print(report.startup(rt, stages), flush=True)
     if job.checkpoint.load:
-        checkpoint.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
+        checkpointing.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
     make_valid = setup_data(rt, tok)
     if job.train.eval_only:
         if make_valid is None:

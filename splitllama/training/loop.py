@@ -17,7 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.platform import cpu
-from splitllama.training import checkpoint
+from splitllama.training import checkpointing
 from splitllama.training.signals import PreemptionFlag
 from splitllama.training.metrics import MetricsSink, peak_tflops
 from splitllama.training.step import forward_step, pipeline_shapes_hook
@@ -106,10 +106,10 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def save_checkpoint(rt, root: str, saves: checkpoint.AsyncSaves) -> str:
-    """checkpoint.save (collective) plus one line on rank 0 saying what went where."""
+def save_checkpoint(rt, root: str, saves: checkpointing.AsyncSaves) -> str:
+    """checkpointing.save (collective) plus one line on rank 0 saying what went where."""
     t0 = time.time()
-    path = checkpoint.save(rt, root, saves)
+    path = checkpointing.save(rt, root, saves)
     if dist.get_rank() == 0:
         if rt.job.checkpoint.async_save:
             print(f"checkpoint of iteration {rt.state.iteration} being written in the background "
@@ -120,14 +120,14 @@ def save_checkpoint(rt, root: str, saves: checkpoint.AsyncSaves) -> str:
     return path
 
 
-def _on_signal(rt, rank0: bool, saves: checkpoint.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
+def _on_signal(rt, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
     ck, it = rt.job.checkpoint, rt.state.iteration
     sig = (preemption.received() if preemption is not None else None) or signal.SIGTERM
     name = signal.Signals(sig).name
     if ck.save_on_signal and ck.save:
-        path = checkpoint.save(rt, ck.save, saves)
+        path = checkpointing.save(rt, ck.save, saves)
         saves.finalize(blocking=True)
         if rank0:
             print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
@@ -154,7 +154,7 @@ def train(rt, flops_per_iteration: float, make_valid_iter,
     stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
     rank0 = dist.get_rank() == 0
     nan_iters = _fault_nan_iters()
-    saves = checkpoint.AsyncSaves()
+    saves = checkpointing.AsyncSaves()
     try:
         while st.iteration < total:
             if _any_rank(preemption is not None and preemption.received() is not None):
