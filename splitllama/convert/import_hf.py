@@ -262,8 +262,8 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
                               f"got {value_head_init!r}")
 
     out = prepare_out(out)
-    ck = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
-    blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in ck.items()}
+    hf_ckpts = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
+    blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in hf_ckpts.items()}
     cfg = ModelConfig(lower=blocks["lower"], upper=blocks["upper"], num_layers_lower=num_layers_lower,
                       num_layers_upper=num_layers_upper, mlp=mlp, path_lower=os.path.abspath(lower),
                       path_upper=os.path.abspath(upper), head=head)
@@ -273,13 +273,13 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
     if adapter_init == "identity" and cfg.lower.hidden_size > cfg.upper.hidden_size:
         raise ConversionError(f"identity adapter needs lower hidden size ≤ upper: "
                               f"{cfg.lower.hidden_size} > {cfg.upper.hidden_size}")
-    out_dtype = _out_dtype(dtype, ck["lower"], "model.embed_tokens.weight")
+    out_dtype = _out_dtype(dtype, hf_ckpts["lower"], "model.embed_tokens.weight")
 
     def resolve(hf_name: str) -> tuple[HFCheckpoint, str]:
         which, name = source_name(hf_name, cfg)
-        if name == "lm_head.weight" and not ck[which].has(name) and cfg.upper.tie_word_embeddings:
+        if name == "lm_head.weight" and not hf_ckpts[which].has(name) and cfg.upper.tie_word_embeddings:
             name = "model.embed_tokens.weight"
-        return ck[which], name
+        return hf_ckpts[which], name
 
     # The adapter (same values as splitllama.hf.build for the same seed) is generated on a helper
     # thread from the moment the inputs are checked, overlapping the tensor copies.
@@ -299,7 +299,7 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
         generated.update({n: (lambda n=n: value_head_weights(cfg.upper.hidden_size, value_head_init, seed=seed,
                                                              dtype=out_dtype)[n]) for n in ("score.weight", "score.bias")})
     try:
-        return convert(cfg, resolve, generated, list(ck.values()), out, out_dtype,
+        return convert(cfg, resolve, generated, list(hf_ckpts.values()), out, out_dtype,
                        progress, max_chunk_bytes, on_checked=start)
     finally:
         pool.shutdown(wait=True)
@@ -309,17 +309,17 @@ def import_hf_split(src: str, out: str, dtype: str = "auto", progress: bool = Tr
                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
     """A seed-format HF split model (CustomSplitLLamaForCausalLM) directory, adapter included."""
     out = prepare_out(out)
-    ck = HFCheckpoint(src, "split model")
+    hf_ckpt = HFCheckpoint(src, "split model")
     cfg_file = os.path.join(src, "config.json")
     try:
-        cfg = ModelConfig.from_seed_dict(ck.config, source=cfg_file)
+        cfg = ModelConfig.from_seed_dict(hf_ckpt.config, source=cfg_file)
     except ValueError as e:  # names cfg_file already
         raise ConversionError(f"split model: {e}") from None
     except (KeyError, TypeError) as e:
         raise ConversionError(f"split model: {cfg_file}: {e}") from None
     for which, key in (("lower", "config8b"), ("upper", "config70b")):
-        if isinstance(ck.config.get(key), dict):
-            check_llama_config(ck.config[key], which, f"{cfg_file} [{key}]")
+        if isinstance(hf_ckpt.config.get(key), dict):
+            check_llama_config(hf_ckpt.config[key], which, f"{cfg_file} [{key}]")
     _validate(cfg, src)
-    out_dtype = _out_dtype(dtype, ck, "model.embed_tokens.weight")
-    return convert(cfg, lambda name: (ck, name), {}, [ck], out, out_dtype, progress, max_chunk_bytes)
+    out_dtype = _out_dtype(dtype, hf_ckpt, "model.embed_tokens.weight")
+    return convert(cfg, lambda name: (hf_ckpt, name), {}, [hf_ckpt], out, out_dtype, progress, max_chunk_bytes)

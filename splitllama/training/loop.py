@@ -123,16 +123,16 @@ def save_checkpoint(rt, root: str, saves: checkpointing.AsyncSaves) -> str:
 def _on_signal(rt, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
-    ck, it = rt.job.checkpoint, rt.state.iteration
+    ckpt_cfg, it = rt.job.checkpoint, rt.state.iteration
     sig = (preemption.received() if preemption is not None else None) or signal.SIGTERM
     name = signal.Signals(sig).name
-    if ck.save_on_signal and ck.save:
-        path = checkpointing.save(rt, ck.save, saves)
+    if ckpt_cfg.save_on_signal and ckpt_cfg.save:
+        path = checkpointing.save(rt, ckpt_cfg.save, saves)
         saves.finalize(blocking=True)
         if rank0:
             print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
         return 0
-    why = "checkpoint.save is not set" if not ck.save else "checkpoint.save_on_signal=false"
+    why = "checkpoint.save is not set" if not ckpt_cfg.save else "checkpoint.save_on_signal=false"
     if rank0:
         print(f"[signal] {name} at iteration {it} of {rt.job.train.total_iters()}: stopping; NO checkpoint "
               f"saved ({why}); exit {128 + sig}", file=sys.stderr, flush=True)
@@ -206,12 +206,12 @@ def train(rt, flops_per_iteration: float, make_valid_iter,
                 sink.write({"iteration": st.iteration, "eval_loss": val})
                 if rank0:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
-            ck = job.checkpoint
-            if ck.save and ck.save_interval and st.iteration % ck.save_interval == 0:
-                save_checkpoint(rt, ck.save, saves)
+            ckpt_cfg = job.checkpoint
+            if ckpt_cfg.save and ckpt_cfg.save_interval and st.iteration % ckpt_cfg.save_interval == 0:
+                save_checkpoint(rt, ckpt_cfg.save, saves)
             if stop_after is not None and st.iteration >= stop_after and st.iteration < total:
-                if ck.save:
-                    save_checkpoint(rt, ck.save, saves)
+                if ckpt_cfg.save:
+                    save_checkpoint(rt, ckpt_cfg.save, saves)
                 return 0
         if job.checkpoint.save and (not job.checkpoint.save_interval or st.iteration % job.checkpoint.save_interval):
             save_checkpoint(rt, job.checkpoint.save, saves)

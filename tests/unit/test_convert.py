@@ -42,8 +42,8 @@ def _import(src, out, **kw):
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
-    ck = DistCheckpoint(str(path))
-    return {k: ck.read(k) for k in ck.tensor_keys()}
+    dist_ckpt = DistCheckpoint(str(path))
+    return {k: dist_ckpt.read(k) for k in dist_ckpt.tensor_keys()}
 
 
 def _expected(src, mlp: bool) -> dict[str, torch.Tensor]:
@@ -132,8 +132,8 @@ def test_reads_only_the_shards_it_needs(src, tmp_path):
 
 def test_bf16_identity_and_row_chunks(src, tmp_path):
     res = _import(src, tmp_path / "ckpt", mlp=False, dtype="bf16", adapter_init="identity", max_chunk_bytes=2048)
-    ck = DistCheckpoint(res.path)
-    emb = ck.tensor_meta("embedding.word_embeddings.weight")
+    dist_ckpt = DistCheckpoint(res.path)
+    emb = dist_ckpt.tensor_meta("embedding.word_embeddings.weight")
     assert len(emb.chunks) == 512 * 64 * 2 // 2048  # 64 row blocks of 16 rows
     got, want = _tensors(res.path), _expected(src, False)
     for k in want:

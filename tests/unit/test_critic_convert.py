@@ -38,8 +38,8 @@ def ckpts(tmp_path_factory):
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
-    ck = DistCheckpoint(str(path))
-    return {k: ck.read(k) for k in ck.tensor_keys()}
+    dist_ckpt = DistCheckpoint(str(path))
+    return {k: dist_ckpt.read(k) for k in dist_ckpt.tensor_keys()}
 
 
 def test_import_hf_head_value_and_lm_to_critic_agree(ckpts):
