@@ -82,7 +82,7 @@ def _row_blocks(shape: tuple[int, ...], itemsize: int, limit: int) -> list[Optio
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-class _Planner:
+class _PieceBuilder:
     """Checks every source tensor and turns the key schema into lazily produced pieces."""
 
     def __init__(self, cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[], torch.Tensor]],
@@ -198,11 +198,11 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     once every input check has passed, before writing starts."""
     out = prepare_out(out)
     t0 = time.perf_counter()
-    planner = _Planner(cfg, resolve, generated, dtype, max_chunk_bytes)
-    pieces = planner.pieces()
+    builder = _PieceBuilder(cfg, resolve, generated, dtype, max_chunk_bytes)
+    pieces = builder.pieces()
     if on_checked is not None:
         on_checked()
-    final, tensors = write_checkpoint(out, pieces, cfg, progress, release=planner.pool.give_back)
+    final, tensors = write_checkpoint(out, pieces, cfg, progress, release=builder.pool.give_back)
     read: dict[str, int] = {}
     for s in sources:
         read.update(s.bytes_read())
