@@ -86,7 +86,9 @@ def test_fresh_run_into_a_used_directory_is_refused_unless_told(ckpt, tmp_path):
 def test_second_concurrent_writer_is_refused_naming_the_holder(ckpt, tmp_path):
     """2: while a run trains into the directory, a second run refuses (host, pid) and writes nothing."""
     m = tmp_path / "a.jsonl"
-    a = apprun.start(1, ["train.train_iters=200", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
+    # A must still hold the lock when B starts: on a loaded machine 200 iterations ended (and saved)
+    # before B had imported Megatron. A never finishes; it is killed below.
+    a = apprun.start(1, ["train.train_iters=100000", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
                          f"logging.metrics_file={m}"])
     try:
         apprun.wait_until(a, lambda: 6 in apprun.losses(m))
