@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Bring up a 2-node SLURM cluster (n1, n2) on this one machine for CI.
-# Debian 12, root, no systemd: daemons are started by hand (see DESIGN.md §7).
+# Debian 12, root, no systemd: daemons are started by hand (docs/design.md §7).
 # Idempotent: reuses running daemons when the config is unchanged and both
 # nodes respond, otherwise restarts slurm cleanly. Leaves the cluster up.
 set -euo pipefail

@@ -20,8 +20,10 @@
 #                   CUDA_DEVICE_MAX_CONNECTIONS=1 and NCCL defaults, cpu uses gloo
 # KEY=VALUE arguments go to pretrain_splitllama.py after the ones this script adds, so they win.
 # SIGUSR1 / SIGTERM / SIGINT to this script: each training process gets SIGUSR1 (once it has installed
-# its handler, just before training starts), saves a checkpoint and exits 0; so does torchrun.
-# (Not sent to torchrun's agent, which would die of SIGUSR1 and leave its workers behind.)
+# its handler, first thing in splitllama/training/entry.py; a signal caught during start-up is
+# honoured at the first iteration), saves a checkpoint and exits 0; so does torchrun.
+# (Not sent to torchrun's agent: it would die of SIGUSR1, and its workers with it, unsaved, as they
+# die with their launcher: splitllama/platform/lifecycle.py.)
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SPLITLLAMA_HOME=${SPLITLLAMA_HOME:-$(dirname "$HERE")}

@@ -8,7 +8,7 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 
 # Per-layer keys (hetereogenous_dist_checkpoint) so checkpoints move between N/M/PP plans.
 SHARDED_METADATA = {"non_homogeneous_layers": True,
@@ -33,7 +33,7 @@ def load_model_weights(model: torch.nn.Module, ckpt_dir: str,
     checkpoint holds keys no rank requested (exactness check for converted checkpoints).
     Returns the resolved checkpoint directory.
     """
-    path = layout.resolve(ckpt_dir)
+    path = dirs.resolve(ckpt_dir)
     strict = StrictHandling(strict) if isinstance(strict, str) else strict
     request = model_sharded_state_dict(model)
     loaded = dist_checkpointing.load({"model": request}, path, strict=strict)

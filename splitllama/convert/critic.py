@@ -33,13 +33,13 @@ def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: Optional[int] =
     seed = seed or 0
     out = prepare_out(out)
     t0 = time.perf_counter()
-    ck = DistCheckpoint(ckpt)
-    cfg = model_config_of(ck)
+    dist_ckpt = DistCheckpoint(ckpt)
+    cfg = model_config_of(dist_ckpt)
     if cfg.head == "value":
-        raise ConversionError(f"{ck.path} is already a critic (model_config.json head: value)")
+        raise ConversionError(f"{dist_ckpt.path} is already a critic (model_config.json head: value)")
     critic = replace(cfg, head="value")
     lm_keys = schema(cfg)
-    dtype = ck.dtype("embedding.word_embeddings.weight") if "embedding.word_embeddings.weight" in ck else None
+    dtype = dist_ckpt.dtype("embedding.word_embeddings.weight") if "embedding.word_embeddings.weight" in dist_ckpt else None
     pieces, nbytes = [], 0
     for key, m in schema(critic).items():
         shape = m.shape
@@ -49,14 +49,14 @@ def lm_to_critic(ckpt: str, out: str, init: str = "zeros", seed: Optional[int] =
                                 lambda n=name: value_head_weights(cfg.upper.hidden_size, init, seed=seed,
                                                                   dtype=dtype)[n], (1, len(pieces))))
             continue
-        if key not in lm_keys or key not in ck:
-            raise ConversionError(f"{ck.path}: checkpoint lacks tensor {key}")
-        if ck.shape(key) != shape:
-            raise ConversionError(f"{ck.path}: tensor {key} has shape {list(ck.shape(key))}, "
+        if key not in lm_keys or key not in dist_ckpt:
+            raise ConversionError(f"{dist_ckpt.path}: checkpoint lacks tensor {key}")
+        if dist_ckpt.shape(key) != shape:
+            raise ConversionError(f"{dist_ckpt.path}: tensor {key} has shape {list(dist_ckpt.shape(key))}, "
                                   f"model_config.json implies {list(shape)}")
-        pieces.append(Piece(key, shape, (0,) * len(shape), shape, ck.dtype(key),
-                            lambda k=key: ck.read(k), (0, len(pieces))))
-        nbytes += ck.nbytes(key)
+        pieces.append(Piece(key, shape, (0,) * len(shape), shape, dist_ckpt.dtype(key),
+                            lambda k=key: dist_ckpt.read(k), (0, len(pieces))))
+        nbytes += dist_ckpt.nbytes(key)
     final, tensors = write_checkpoint(out, pieces, critic, progress)
-    return ImportResult(final, critic, {ck.path: nbytes}, sum(p.nbytes for p in pieces), tensors,
+    return ImportResult(final, critic, {dist_ckpt.path: nbytes}, sum(p.nbytes for p in pieces), tensors,
                         time.perf_counter() - t0)

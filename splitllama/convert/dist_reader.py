@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.checkpoint.dcp_metadata import file_problems, raise_if_damaged, read_metadata
 from splitllama.convert.sources import ConversionError
 
@@ -23,14 +23,14 @@ class DistCheckpoint:
 
     def __init__(self, path: str) -> None:
         try:
-            self.path = layout.resolve(path)
+            self.path = dirs.resolve(path)
         except (FileNotFoundError, ValueError) as e:
             raise ConversionError(str(e)) from None
         self.metadata: Metadata = read_metadata(self.path)  # restricted: never runs planted code
         self._chunks: dict[str, list] = {}
         for idx, info in self.metadata.storage_data.items():
             self._chunks.setdefault(idx.fqn, []).append((idx.offset, info))
-        self.model_config: Optional[dict] = layout.read_json(self.path, layout.MODEL_CONFIG)
+        self.model_config: Optional[dict] = dirs.read_json(self.path, dirs.MODEL_CONFIG)
 
     def problems(self) -> list[str]:
         """Data files the metadata names that are missing or too short ([] when all are fine)."""

@@ -2,7 +2,7 @@
 
 The torch_dist format is PyTorch DCP (``.metadata`` + ``__0_0.distcp``) plus Megatron's
 ``metadata.json`` (backend + version) and ``common.pt`` (the non-sharded state; empty here).
-`dcp.save` drives the planning and writes ``.metadata``; our `_LazyPlanner` describes every
+`dcp.save` drives the planning and writes ``.metadata``; our `_LazySavePlanner` describes every
 chunk up front (key, global shape, offsets, sizes, dtype) without any data, and our
 `_StreamingWriter` asks for each chunk's data only when it is next in line and drops it once
 written — torch's own FileSystemWriter keeps every tensor of a file alive until the file is
@@ -88,7 +88,7 @@ def check_tiling(pieces: list[Piece]) -> None:
 Release = Optional[Callable[[torch.Tensor], None]]
 
 
-class _LazyPlanner(SavePlanner):
+class _LazySavePlanner(SavePlanner):
     def __init__(self, pieces: list[Piece], release: Release) -> None:
         self.pieces = {p.index(): p for p in pieces}
         self.release = release
@@ -212,7 +212,7 @@ def write_torch_dist(out_dir: str, pieces: list[Piece],
     with warnings.catch_warnings():  # "torch.distributed is disabled ... single process": intended
         warnings.filterwarnings("ignore", message=".*single process.*")
         try:
-            dcp.save({}, storage_writer=writer, planner=_LazyPlanner(ordered, release),
+            dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(ordered, release),
                      no_dist=True)
         except CheckpointException as e:  # one process: re-raise the producer's own error
             failures = list(e.failures.values())

@@ -1,4 +1,4 @@
-"""torch_dist -> HF split model (seed layout, DESIGN.md §1), streamed tensor by tensor.
+"""torch_dist -> HF split model (the seed's HF layout, docs/design.md §1), streamed tensor by tensor.
 
 Writes sharded safetensors (+ index when more than one shard), config.json in the seed schema
 (CustomSplitLLamaConfig with embedded LLaMA configs and ``auto_map``), generation_config.json and
@@ -43,26 +43,26 @@ class ExportResult:
     seconds: float
 
 
-def model_config_of(ck: DistCheckpoint) -> ModelConfig:
-    if ck.model_config is None:
-        raise ConversionError(f"{ck.path}: no model_config.json; cannot tell the model's shape")
+def model_config_of(dist_ckpt: DistCheckpoint) -> ModelConfig:
+    if dist_ckpt.model_config is None:
+        raise ConversionError(f"{dist_ckpt.path}: no model_config.json; cannot tell the model's shape")
     known = {f.name for f in fields(ModelConfig)}
     try:
-        return ModelConfig(**{k: v for k, v in ck.model_config.items() if k in known})
+        return ModelConfig(**{k: v for k, v in dist_ckpt.model_config.items() if k in known})
     except (TypeError, ValueError) as e:
-        raise ConversionError(f"{ck.path}/model_config.json: {e}") from None
+        raise ConversionError(f"{dist_ckpt.path}/model_config.json: {e}") from None
 
 
-def _plan(ck: DistCheckpoint, cfg: ModelConfig, dtype: torch.dtype, max_shard: int) -> list[list[tuple]]:
+def _plan(dist_ckpt: DistCheckpoint, cfg: ModelConfig, dtype: torch.dtype, max_shard: int) -> list[list[tuple]]:
     """Shards as lists of (key, mapping, [(hf name, shape)]); one Megatron tensor never spans shards."""
     shards: list[list[tuple]] = [[]]
     size = 0
     for key, m in schema(cfg).items():
         shape = m.shape
-        if key not in ck:
-            raise ConversionError(f"{ck.path}: checkpoint lacks tensor {key}")
-        if ck.shape(key) != shape:
-            raise ConversionError(f"{ck.path}: tensor {key} has shape {list(ck.shape(key))}, model_config.json "
+        if key not in dist_ckpt:
+            raise ConversionError(f"{dist_ckpt.path}: checkpoint lacks tensor {key}")
+        if dist_ckpt.shape(key) != shape:
+            raise ConversionError(f"{dist_ckpt.path}: tensor {key} has shape {list(dist_ckpt.shape(key))}, model_config.json "
                                   f"implies {list(shape)}")
         parts = list(zip(m.hf, m.hf_shapes))
         n = sum(torch.Size(s).numel() for _, s in parts) * dtype.itemsize
@@ -126,13 +126,13 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
     """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`."""
     t0 = time.perf_counter()
     out = prepare_out(out)
-    ck = DistCheckpoint(ckpt)
-    ck.verify()  # every data file the metadata names is there, with its bytes
-    cfg = model_config_of(ck)
+    dist_ckpt = DistCheckpoint(ckpt)
+    dist_ckpt.verify()  # every data file the metadata names is there, with its bytes
+    cfg = model_config_of(dist_ckpt)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    out_dtype = DTYPES[dtype] if dtype else ck.dtype("embedding.word_embeddings.weight")
-    shards = _plan(ck, cfg, out_dtype, max_shard_bytes)
+    out_dtype = DTYPES[dtype] if dtype else dist_ckpt.dtype("embedding.word_embeddings.weight")
+    shards = _plan(dist_ckpt, cfg, out_dtype, max_shard_bytes)
     names = [SINGLE_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     total = sum(torch.Size(s).numel() for sh in shards for _, _, p in sh for _, s in p) * out_dtype.itemsize
@@ -143,11 +143,11 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
     try:
         tmp.mkdir()
         with ThreadPoolExecutor(1) as pool:  # reads the next tensor while this one is written
-            ahead = pool.submit(ck.read, todo[0][1])
+            ahead = pool.submit(dist_ckpt.read, todo[0][1])
             f: Optional[BinaryIO] = None
             for i, (fname, key, m, parts) in enumerate(todo):
                 full = ahead.result()
-                ahead = pool.submit(ck.read, todo[i + 1][1]) if i + 1 < len(todo) else None
+                ahead = pool.submit(dist_ckpt.read, todo[i + 1][1]) if i + 1 < len(todo) else None
                 if f is None or f.name != str(tmp / fname):
                     _close(f)
                     f = open(tmp / fname, "wb")

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.config.model import HEADS, LlamaBlockConfig, ModelConfig
 from splitllama.convert.buffers import BufferPool
 from splitllama.convert.dist_writer import Piece, write_torch_dist
@@ -82,7 +82,7 @@ def _row_blocks(shape: tuple[int, ...], itemsize: int, limit: int) -> list[Optio
     return [(r, min(r + step, shape[0])) for r in range(0, shape[0], step)]
 
 
-class _Planner:
+class _PieceBuilder:
     """Checks every source tensor and turns the key schema into lazily produced pieces."""
 
     def __init__(self, cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[], torch.Tensor]],
@@ -194,11 +194,11 @@ def convert(cfg: ModelConfig, resolve: Resolver, generated: dict[str, Callable[[
     once every input check has passed, before writing starts."""
     out = prepare_out(out)
     t0 = time.perf_counter()
-    planner = _Planner(cfg, resolve, generated, dtype, max_chunk_bytes)
-    pieces = planner.pieces()
+    builder = _PieceBuilder(cfg, resolve, generated, dtype, max_chunk_bytes)
+    pieces = builder.pieces()
     if on_checked is not None:
         on_checked()
-    final, tensors = write_checkpoint(out, pieces, cfg, progress, release=planner.pool.give_back)
+    final, tensors = write_checkpoint(out, pieces, cfg, progress, release=builder.pool.give_back)
     read: dict[str, int] = {}
     for s in sources:
         read.update(s.bytes_read())
@@ -225,10 +225,10 @@ def write_checkpoint(out: str, pieces: list[Piece], cfg: ModelConfig, progress: 
     tmp_root = f"{out}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp_root)
-        iter_tmp = os.path.join(tmp_root, layout.tmp_dirname(0))
+        iter_tmp = os.path.join(tmp_root, dirs.tmp_dirname(0))
         write_torch_dist(iter_tmp, pieces, on_written, release=release)
-        layout.write_json(iter_tmp, layout.MODEL_CONFIG, cfg.to_dict())
-        final = layout.finalize(tmp_root, iter_tmp, 0)
+        dirs.write_json(iter_tmp, dirs.MODEL_CONFIG, cfg.to_dict())
+        final = dirs.finalize(tmp_root, iter_tmp, 0)
         os.replace(tmp_root, out)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -258,8 +258,8 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
                               f"got {value_head_init!r}")
 
     out = prepare_out(out)
-    ck = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
-    blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in ck.items()}
+    hf_ckpts = {"lower": HFCheckpoint(lower, "lower"), "upper": HFCheckpoint(upper, "upper")}
+    blocks = {w: check_llama_config(c.config, w, os.path.join(c.path, "config.json")) for w, c in hf_ckpts.items()}
     cfg = ModelConfig(lower=blocks["lower"], upper=blocks["upper"], num_layers_lower=num_layers_lower,
                       num_layers_upper=num_layers_upper, mlp=mlp, path_lower=os.path.abspath(lower),
                       path_upper=os.path.abspath(upper), head=head)
@@ -269,13 +269,13 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
     if adapter_init == "identity" and cfg.lower.hidden_size > cfg.upper.hidden_size:
         raise ConversionError(f"identity adapter needs lower hidden size ≤ upper: "
                               f"{cfg.lower.hidden_size} > {cfg.upper.hidden_size}")
-    out_dtype = _out_dtype(dtype, ck["lower"], "model.embed_tokens.weight")
+    out_dtype = _out_dtype(dtype, hf_ckpts["lower"], "model.embed_tokens.weight")
 
     def resolve(hf_name: str) -> tuple[HFCheckpoint, str]:
         which, name = source_name(hf_name, cfg)
-        if name == "lm_head.weight" and not ck[which].has(name) and cfg.upper.tie_word_embeddings:
+        if name == "lm_head.weight" and not hf_ckpts[which].has(name) and cfg.upper.tie_word_embeddings:
             name = "model.embed_tokens.weight"
-        return ck[which], name
+        return hf_ckpts[which], name
 
     # The adapter (same values as splitllama.hf.build for the same seed) is generated on a helper
     # thread from the moment the inputs are checked, overlapping the tensor copies.
@@ -295,7 +295,7 @@ def import_hf(lower: str, upper: str, num_layers_lower: int, num_layers_upper: i
         generated.update({n: (lambda n=n: value_head_weights(cfg.upper.hidden_size, value_head_init, seed=seed,
                                                              dtype=out_dtype)[n]) for n in ("score.weight", "score.bias")})
     try:
-        return convert(cfg, resolve, generated, list(ck.values()), out, out_dtype,
+        return convert(cfg, resolve, generated, list(hf_ckpts.values()), out, out_dtype,
                        progress, max_chunk_bytes, on_checked=start)
     finally:
         pool.shutdown(wait=True)
@@ -305,17 +305,17 @@ def import_hf_split(src: str, out: str, dtype: str = "auto", progress: bool = Tr
                     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> ImportResult:
     """A seed-format HF split model (CustomSplitLLamaForCausalLM) directory, adapter included."""
     out = prepare_out(out)
-    ck = HFCheckpoint(src, "split model")
+    hf_ckpt = HFCheckpoint(src, "split model")
     cfg_file = os.path.join(src, "config.json")
     try:
-        cfg = ModelConfig.from_seed_dict(ck.config, source=cfg_file)
+        cfg = ModelConfig.from_seed_dict(hf_ckpt.config, source=cfg_file)
     except ValueError as e:  # names cfg_file already
         raise ConversionError(f"split model: {e}") from None
     except (KeyError, TypeError) as e:
         raise ConversionError(f"split model: {cfg_file}: {e}") from None
     for which, key in (("lower", "config8b"), ("upper", "config70b")):
-        if isinstance(ck.config.get(key), dict):
-            check_llama_config(ck.config[key], which, f"{cfg_file} [{key}]")
+        if isinstance(hf_ckpt.config.get(key), dict):
+            check_llama_config(hf_ckpt.config[key], which, f"{cfg_file} [{key}]")
     _validate(cfg, src)
-    out_dtype = _out_dtype(dtype, ck, "model.embed_tokens.weight")
-    return convert(cfg, lambda name: (ck, name), {}, [ck], out, out_dtype, progress, max_chunk_bytes)
+    out_dtype = _out_dtype(dtype, hf_ckpt, "model.embed_tokens.weight")
+    return convert(cfg, lambda name: (hf_ckpt, name), {}, [hf_ckpt], out, out_dtype, progress, max_chunk_bytes)

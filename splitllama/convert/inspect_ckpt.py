@@ -30,47 +30,47 @@ def _is_dist(path: str) -> bool:
 
 
 def inspect_dist(path: str) -> list[str]:
-    ck = DistCheckpoint(path)
-    lines = [f"torch_dist checkpoint {ck.path}"]
-    meta = os.path.join(ck.path, "metadata.json")
+    dist_ckpt = DistCheckpoint(path)
+    lines = [f"torch_dist checkpoint {dist_ckpt.path}"]
+    meta = os.path.join(dist_ckpt.path, "metadata.json")
     if os.path.isfile(meta):
         with open(meta) as f:
             lines.append(f"format: {json.load(f)}")
     rows, total = [], 0
-    for key in sorted(ck.tensor_keys(), key=_natural):
-        md = ck.tensor_meta(key)
-        n = ck.nbytes(key)
+    for key in sorted(dist_ckpt.tensor_keys(), key=_natural):
+        md = dist_ckpt.tensor_meta(key)
+        n = dist_ckpt.nbytes(key)
         total += n
         rows.append((key, str(list(md.size)), DTYPE_NAMES.get(md.properties.dtype, str(md.properties.dtype)),
                      fmt_bytes(n), str(len(md.chunks))))
     lines += _table(rows, ("key", "shape", "dtype", "size", "chunks"))
-    objects = sorted(ck.object_keys())
+    objects = sorted(dist_ckpt.object_keys())
     lines.append(f"{len(rows)} tensors, {fmt_bytes(total)}; {len(objects)} objects"
                  + (f" (e.g. {objects[0]})" if objects else ""))
-    lines.append("model_config.json: " + (json.dumps(ck.model_config, indent=2, sort_keys=True)
-                                          if ck.model_config is not None else "(absent)"))
-    ck.verify()  # a damaged checkpoint is an error (exit 2), not a report
-    files = {info.relative_path for info in ck.metadata.storage_data.values()}
+    lines.append("model_config.json: " + (json.dumps(dist_ckpt.model_config, indent=2, sort_keys=True)
+                                          if dist_ckpt.model_config is not None else "(absent)"))
+    dist_ckpt.verify()  # a damaged checkpoint is an error (exit 2), not a report
+    files = {info.relative_path for info in dist_ckpt.metadata.storage_data.values()}
     lines.append(f"verified: {len(files)} data files present with the sizes the metadata needs")
     return lines
 
 
 def inspect_hf(path: str) -> list[str]:
-    ck = HFCheckpoint(path, "model")
+    hf_ckpt = HFCheckpoint(path, "model")
     lines = [f"HF checkpoint {os.path.abspath(path)}"]
     rows, total = [], 0
-    for name in sorted(ck.weight_map, key=_natural):
+    for name in sorted(hf_ckpt.weight_map, key=_natural):
         try:
-            info = ck.info(name)
+            info = hf_ckpt.info(name)
         except ConversionError as e:
-            rows.append((name, "?", "?", "?", f"{ck.weight_map[name]} ({e})"))
+            rows.append((name, "?", "?", "?", f"{hf_ckpt.weight_map[name]} ({e})"))
             continue
         total += info.nbytes
         rows.append((name, str(list(info.shape)), DTYPE_NAMES[info.dtype], fmt_bytes(info.nbytes),
-                     ck.weight_map[name]))
+                     hf_ckpt.weight_map[name]))
     lines += _table(rows, ("tensor", "shape", "dtype", "size", "file"))
-    lines.append(f"{len(rows)} tensors, {fmt_bytes(total)} in {len(set(ck.weight_map.values()))} files")
-    lines.append("config.json: " + json.dumps(ck.config, indent=2, sort_keys=True))
+    lines.append(f"{len(rows)} tensors, {fmt_bytes(total)} in {len(set(hf_ckpt.weight_map.values()))} files")
+    lines.append("config.json: " + json.dumps(hf_ckpt.config, indent=2, sort_keys=True))
     return lines
 
 

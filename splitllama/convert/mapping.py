@@ -13,7 +13,7 @@ state-dict names; the TE spec's fused norm names are accepted as aliases). Names
 side are the seed's split layout (``model.layers_first.{i}``, ``model.layers_last.{j}``...);
 `source_name()` maps those to the two original LLaMA checkpoints for import.
 
-Layouts (Megatron-Core's, as its own checkpoint converters write them):
+Layouts (Megatron-Core's, as its own checkpoint converters write them; docs/design.md §3):
 - `QKV` (linear_qkv): per KV group, that group's query heads, then its k, then its v. A TP
   rank holds a plain dim-0 chunk, i.e. whole groups (needs groups % tp == 0).
 - `GatedFC1` (linear_fc1): cat(gate, up); a TP rank holds cat(gate.chunk(tp)[r], up.chunk(tp)[r]).

@@ -185,9 +185,9 @@ def _split_chain(units: Sequence[Unit]) -> tuple[list[Unit], int, int]:
     if len(units) < 3 or kinds[0] != "embedding" or kinds[-1] != "head":
         raise ValueError(f"unit chain must start with an embedding and end with a head, got {kinds[:1]}..{kinds[-1:]}")
     core = list(units[1:-1])
-    ck = [u.kind for u in core]
-    n, m = ck.count("lower"), ck.count("upper")
-    if ck != ["lower"] * n + ["adapter"] + ["upper"] * m:
+    kinds = [u.kind for u in core]
+    n, m = kinds.count("lower"), kinds.count("upper")
+    if kinds != ["lower"] * n + ["adapter"] + ["upper"] * m:
         raise ValueError("unit chain core must be lower layers, one adapter, then upper layers")
     return core, n, m
 

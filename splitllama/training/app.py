@@ -10,7 +10,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from splitllama.checkpoint import dcp_metadata
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
@@ -20,9 +20,10 @@ from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpoint, preflight, report, resume
+from splitllama.training import checkpointing, preflight, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
+from splitllama.training.signals import PreemptionFlag
 
 log = logging.getLogger("splitllama")
 SHAPE_FIELDS = ("lower", "upper", "num_layers_lower", "num_layers_upper", "mlp", "head")
@@ -35,13 +36,13 @@ def adopt_checkpoint_model(job: JobConfig) -> JobConfig:
     error naming each differing field. (`job` itself is not changed.)"""
     if not job.checkpoint.load:
         return job
-    saved = ck.read_json(ck.resolve(job.checkpoint.load), ck.MODEL_CONFIG)
+    saved = dirs.read_json(dirs.resolve(job.checkpoint.load), dirs.MODEL_CONFIG)
     if saved is None:
         return job
     try:
         ckpt_model = ModelConfig(**{k: saved[k] if k in saved else FIELD_DEFAULTS[k] for k in SHAPE_FIELDS})
     except (KeyError, TypeError) as e:
-        raise ValueError(f"{job.checkpoint.load}: corrupt {ck.MODEL_CONFIG} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{job.checkpoint.load}: corrupt {dirs.MODEL_CONFIG} ({type(e).__name__}: {e})") from None
     explicit = tuple(k for k in SHAPE_FIELDS if f"model.{k}" in job.explicit)
     diffs = job.model.differences(ckpt_model, explicit)
     if diffs:
@@ -90,7 +91,7 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(job: JobConfig) -> int:
+def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
     """Everything that can be checked is checked before torch.distributed starts: the save
     directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
     files of the checkpoint to load. The loaded `job` is not changed: where the run starts and
@@ -109,14 +110,14 @@ def run(job: JobConfig) -> int:
         tok = build_tokenizer(plan.job.data)
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
-            dcp_metadata.verify(ck.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(plan, tok)
+            dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
+        return _run(plan, tok, preemption)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(plan: RunPlan, tok) -> int:
+def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
     rt = build_runtime(plan)
     job = rt.job
     rank0 = dist.get_rank() == 0
@@ -124,7 +125,7 @@ def _run(plan: RunPlan, tok) -> int:
     if rank0:
         print(report.startup(rt, stages), flush=True)
     if job.checkpoint.load:
-        checkpoint.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
+        checkpointing.load(rt, job.checkpoint.load, finetune=job.checkpoint.finetune)
     make_valid = setup_data(rt, tok)
     if job.train.eval_only:
         if make_valid is None:
@@ -133,13 +134,14 @@ def _run(plan: RunPlan, tok) -> int:
         if rank0:
             print(json.dumps({"eval_loss": val}), flush=True)
         return 0
-    return train(rt, flops_per_iteration(job), make_valid)
+    return train(rt, flops_per_iteration(job), make_valid, preemption)
 
 
-def run_job(job: JobConfig) -> int:
-    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down."""
+def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down.
+    `preemption`: the flag `signals.install()` returned (None: no signal is honoured)."""
     try:
-        return run(job)
+        return run(job, preemption)
     finally:
         shutdown()
 

@@ -22,9 +22,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     die_with_launcher()  # under torchrun / the SLURM task wrapper: never outlive it
-    signals.install()  # first: a preemption signal during start-up is honoured at the first step
+    preemption = signals.install()  # first: a signal during start-up is honoured at the first step
     job = parse_train_args(argv)
     logs.setup(job.logging.verbose)
     from splitllama.training import app  # Megatron-Core is imported here
 
-    return app.run_job(job)
+    return app.run_job(job, preemption)

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from typing import Optional
 
 import torch
@@ -16,9 +17,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from splitllama.platform.device import device as local_device
-from splitllama.training import balance_monitor, checkpoint, signals
+from splitllama.training import balance_monitor, checkpointing
+from splitllama.training.signals import PreemptionFlag
 from splitllama.training.metrics import MetricsSink, peak_tflops
-from splitllama.training import step as step_mod
 from splitllama.training.step import forward_step, pipeline_shapes_hook
 
 log = logging.getLogger("splitllama")
@@ -63,16 +64,18 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _fault_nan_iters() -> set[int]:
+    """Fault injection (docs/reliability.md): the iterations whose loss is made NaN."""
     return {int(x) for x in os.environ.get("SPLITLLAMA_FAULT_NAN_ITERS", "").split(",") if x.strip()}
 
 
-def train_step(rt) -> tuple[float, Optional[float], bool]:
-    """One global batch. Returns (loss, grad_norm, applied)."""
-    step_mod.INJECT_NAN = rt.state.iteration + 1 in _fault_nan_iters()
+def train_step(rt, inject_nan: bool = False) -> tuple[float, Optional[float], bool]:
+    """One global batch. Returns (loss, grad_norm, applied). `inject_nan`: fault injection,
+    the step's loss and gradients become NaN."""
     rt.ddp.zero_grad_buffer()
     rt.optimizer.zero_grad()
     fb = get_forward_backward_func()
-    losses = fb(forward_step_func=forward_step, data_iterator=rt.train_iter, model=[rt.ddp],
+    step_func = partial(forward_step, inject_nan=True) if inject_nan else forward_step
+    losses = fb(forward_step_func=step_func, data_iterator=rt.train_iter, model=[rt.ddp],
                 num_microbatches=rt.num_microbatches, forward_only=False, **_schedule_kwargs(rt))
     loss = reduce_loss(rt, losses)
     if not (math.isfinite(loss) and _grads_finite(rt)):
@@ -103,10 +106,10 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def save_checkpoint(rt, root: str) -> str:
-    """checkpoint.save (collective) plus one line on rank 0 saying what went where."""
+def save_checkpoint(rt, root: str, saves: checkpointing.AsyncSaves) -> str:
+    """checkpointing.save (collective) plus one line on rank 0 saying what went where."""
     t0 = time.time()
-    path = checkpoint.save(rt, root)
+    path = checkpointing.save(rt, root, saves)
     if dist.get_rank() == 0:
         if rt.job.checkpoint.async_save:
             print(f"checkpoint of iteration {rt.state.iteration} being written in the background "
@@ -117,28 +120,30 @@ def save_checkpoint(rt, root: str) -> str:
     return path
 
 
-def _on_signal(rt, rank0: bool) -> int:
+def _on_signal(rt, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
-    ck, it = rt.job.checkpoint, rt.state.iteration
-    sig = signals.received() or signal.SIGTERM
+    ckpt_cfg, it = rt.job.checkpoint, rt.state.iteration
+    sig = (preemption.received() if preemption is not None else None) or signal.SIGTERM
     name = signal.Signals(sig).name
-    if ck.save_on_signal and ck.save:
-        path = checkpoint.save(rt, ck.save)
-        checkpoint.finalize_pending(blocking=True)
+    if ckpt_cfg.save_on_signal and ckpt_cfg.save:
+        path = checkpointing.save(rt, ckpt_cfg.save, saves)
+        saves.finalize(blocking=True)
         if rank0:
             print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
         return 0
-    why = "checkpoint.save is not set" if not ck.save else "checkpoint.save_on_signal=false"
+    why = "checkpoint.save is not set" if not ckpt_cfg.save else "checkpoint.save_on_signal=false"
     if rank0:
         print(f"[signal] {name} at iteration {it} of {rt.job.train.total_iters()}: stopping; NO checkpoint "
               f"saved ({why}); exit {128 + sig}", file=sys.stderr, flush=True)
     return 128 + sig
 
 
-def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
+def train(rt, flops_per_iteration: float, make_valid_iter,
+          preemption: Optional[PreemptionFlag] = None) -> int:
     """Run until train_iters; returns the process exit code (0 when finished or after a signal
-    save; 128 + signal when a signal stopped it with no checkpoint)."""
+    save; 128 + signal when a signal stopped it with no checkpoint). `preemption`: the flag
+    the entry point installed (checked before every iteration, on all ranks together)."""
     job, tr, st = rt.job, rt.job.train, rt.state
     sink = MetricsSink(job.logging, job.to_dict())
     total = tr.total_iters()
@@ -149,13 +154,15 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
     stop_after = st.iteration + tr.exit_after_iters if tr.exit_after_iters else None
     rank0 = dist.get_rank() == 0
     balance = balance_monitor.start(rt)  # None unless PP > 1 and logging.pipeline_balance
+    nan_iters = _fault_nan_iters()
+    saves = checkpointing.AsyncSaves()
     try:
         while st.iteration < total:
-            if _any_rank(signals.received() is not None):
-                return _on_signal(rt, rank0)
+            if _any_rank(preemption is not None and preemption.received() is not None):
+                return _on_signal(rt, rank0, saves, preemption)
             if job.checkpoint.async_save:
-                checkpoint.finalize_pending()
-            loss, grad_norm, applied = train_step(rt)
+                saves.finalize()
+            loss, grad_norm, applied = train_step(rt, inject_nan=st.iteration + 1 in nan_iters)
             st.iteration += 1
             st.consumed_train_samples += tr.global_batch_size
             if applied:
@@ -205,18 +212,18 @@ def train(rt, flops_per_iteration: float, make_valid_iter) -> int:
                 sink.write({"iteration": st.iteration, "eval_loss": val})
                 if rank0:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
-            ck = job.checkpoint
-            if ck.save and ck.save_interval and st.iteration % ck.save_interval == 0:
-                save_checkpoint(rt, ck.save)
+            ckpt_cfg = job.checkpoint
+            if ckpt_cfg.save and ckpt_cfg.save_interval and st.iteration % ckpt_cfg.save_interval == 0:
+                save_checkpoint(rt, ckpt_cfg.save, saves)
             if stop_after is not None and st.iteration >= stop_after and st.iteration < total:
-                if ck.save:
-                    save_checkpoint(rt, ck.save)
+                if ckpt_cfg.save:
+                    save_checkpoint(rt, ckpt_cfg.save, saves)
                 return 0
         if job.checkpoint.save and (not job.checkpoint.save_interval or st.iteration % job.checkpoint.save_interval):
-            save_checkpoint(rt, job.checkpoint.save)
+            save_checkpoint(rt, job.checkpoint.save, saves)
         if rank0:
             print(f"done: {st.iteration - start_iter} iterations this run, {st.skipped_iterations} skipped", flush=True)
         return 0
     finally:
-        checkpoint.finalize_pending(blocking=True)
+        saves.finalize(blocking=True)
         sink.close()

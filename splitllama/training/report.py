@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.config.model import PRESETS, LlamaBlockConfig
 from splitllama.platform.device import device as local_device
 
@@ -100,7 +100,7 @@ def startup(rt, stages: list[tuple[int, int]]) -> str:
     if job.logging.verbose:
         lines = ["resolved config:", job.to_yaml().rstrip()]
     else:
-        lines = [f"resolved config (full YAML with -v; saved as {ck.JOB_CONFIG} in each checkpoint):",
+        lines = [f"resolved config (full YAML with -v; saved as {dirs.JOB_CONFIG} in each checkpoint):",
                  *compact_config(job)]
     par = job.parallel
     device = "cpu (gloo, CPU harness)" if rt.on_cpu else f"cuda ({torch.cuda.get_device_name()})"

@@ -18,7 +18,7 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.config.train import CheckpointConfig
 from splitllama.errors import UsageError
 
@@ -28,8 +28,8 @@ def _same(a: Optional[str], b: Optional[str]) -> bool:
 
 
 def _summary(root: str) -> str:
-    done = ck.list_complete(root)
-    latest = ck.latest_name(root)
+    done = dirs.list_complete(root)
+    latest = dirs.latest_name(root)
     parts = [f"{len(done)} complete checkpoint{'s' if len(done) != 1 else ''}"]
     if done:
         parts.append(f"newest {os.path.basename(done[-1][1])}")
@@ -44,15 +44,15 @@ def resolve_resume(c: CheckpointConfig, say: Callable[[str], None]) -> Checkpoin
     if not _same(c.load, c.save):
         return c
     root = c.load
-    if not ck.holds_checkpoints(root):
+    if not dirs.holds_checkpoints(root):
         say(f"no checkpoint in {root} yet: starting from scratch")
         return dataclasses.replace(c, load=None)
     try:
-        ck.resolve(root)
+        dirs.resolve(root)
         return c
     except (FileNotFoundError, ValueError) as e:
         problem = str(e)
-    done = ck.list_complete(root)
+    done = dirs.list_complete(root)
     if not done:
         if c.overwrite:
             say(f"{problem}; no complete checkpoint in {root}: starting from scratch "
@@ -67,13 +67,13 @@ def resolve_resume(c: CheckpointConfig, say: Callable[[str], None]) -> Checkpoin
 
 def guard_save_dir(c: CheckpointConfig) -> None:
     """Refuse a save directory whose checkpoints this run's saves could replace."""
-    if not c.save or c.overwrite or not ck.holds_checkpoints(c.save):
+    if not c.save or c.overwrite or not dirs.holds_checkpoints(c.save):
         return
     save = os.path.abspath(c.save)
     resumed = None
     if c.load and not c.finetune:
         try:
-            resumed = os.path.abspath(ck.resolve(c.load))
+            resumed = os.path.abspath(dirs.resolve(c.load))
         except (FileNotFoundError, ValueError):
             resumed = None  # reported by the load itself
     if resumed is None or os.path.dirname(resumed) != save:
@@ -83,8 +83,8 @@ def guard_save_dir(c: CheckpointConfig) -> None:
             f"checkpoint.save {c.save} already holds checkpoints of another run ({_summary(c.save)}) "
             f"and this run {start}: its saves would mix with or replace them; resume with "
             f"checkpoint.load={c.save}, choose a new checkpoint.save, or set checkpoint.overwrite=true")
-    it = ck.iteration_of(resumed)
-    newer = [p for i, p in ck.list_complete(c.save) if it is not None and i > it]
+    it = dirs.iteration_of(resumed)
+    newer = [p for i, p in dirs.list_complete(c.save) if it is not None and i > it]
     if newer:
         raise UsageError(
             f"this run resumes from {resumed} but {c.save} holds newer checkpoints "

@@ -1,21 +1,32 @@
-"""SIGTERM / SIGUSR1 (SLURM preemption): remember the signal; the loop saves and exits 0."""
+"""SIGTERM / SIGUSR1 (SLURM preemption): remember the signal; the loop saves and exits 0.
+
+The entry point calls `install()` before anything else and hands the returned flag to the
+training loop, which checks it (all ranks agreeing) before every iteration."""
 from __future__ import annotations
 
 import signal
 from typing import Optional
 
-_RECEIVED: Optional[int] = None
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def _handler(signum, frame) -> None:
-    global _RECEIVED
-    _RECEIVED = signum
+class PreemptionFlag:
+    """Set by the signal handler; read by the loop. One per process, made by `install()`."""
+
+    def __init__(self) -> None:
+        self._received: Optional[int] = None
+
+    def _handler(self, signum, frame) -> None:
+        self._received = signum
+
+    def received(self) -> Optional[int]:
+        """The signal number that arrived, or None."""
+        return self._received
 
 
-def install() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _handler)
-
-
-def received() -> Optional[int]:
-    return _RECEIVED
+def install() -> PreemptionFlag:
+    """Handle SIGTERM and SIGUSR1 from now on by setting the returned flag."""
+    flag = PreemptionFlag()
+    for sig in SIGNALS:
+        signal.signal(sig, flag._handler)
+    return flag

@@ -18,18 +18,15 @@ def unwrap(model) -> SplitLlamaModel:
     return model
 
 
-# Fault injection for tests (SPLITLLAMA_FAULT_NAN_ITERS=3,4): the loop sets this for the
-# listed iterations and the loss (hence every gradient) becomes NaN.
-INJECT_NAN = False
-
-
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, inject_nan: bool = False):
     """Per-token losses [b, s] -> (sum, tokens, {'lm loss': [sum, tokens]}).
     Megatron divides the sum by the token count (per micro-batch mean) and by the number of
-    micro-batches; the reported value is summed over micro-batches and DP by the caller."""
+    micro-batches; the reported value is summed over micro-batches and DP by the caller.
+    `inject_nan` (fault injection, SPLITLLAMA_FAULT_NAN_ITERS in docs/reliability.md): the
+    loss, hence every gradient, becomes NaN."""
     mask = loss_mask.view(-1).float()
     total = torch.sum(output_tensor.view(-1).float() * mask)
-    if INJECT_NAN:
+    if inject_nan:
         total = total * float("nan")
     tokens = mask.sum().to(torch.int)
     report = torch.stack([total.detach().clone(), mask.sum()])
@@ -64,11 +61,11 @@ def check_batch_ids(batch: dict, vocab_size: int) -> None:
                                  f"whose vocab_size is > {bad}")
 
 
-def forward_step(data_iterator, model):
+def forward_step(data_iterator, model, inject_nan: bool = False):
     """LM: cross-entropy on the next tokens (`labels`). Critic (model.head=value): squared
     error of the per-token values against the data's `value_targets`. Either way the
     per-token losses are masked by `loss_mask` and averaged over its tokens (for the critic:
-    the masked MSE)."""
+    the masked MSE). `inject_nan`: see `loss_func` (the loop binds it with functools.partial)."""
     inner = unwrap(model)
     batch = get_batch(data_iterator, inner)
     target = None
@@ -80,7 +77,7 @@ def forward_step(data_iterator, model):
                 attention_mask=batch.get("attention_mask"),
                 labels=target,
                 packed_seq_params=packed_seq_params(cu) if cu is not None else None)
-    return out, partial(loss_func, batch.get("loss_mask"))
+    return out, partial(loss_func, batch.get("loss_mask"), inject_nan=inject_nan)
 
 
 def pipeline_shapes_hook(model: SplitLlamaModel, seq_length: int, micro_batch_size: int):

@@ -63,7 +63,7 @@ def _save_like_training(model, cfg, root: str) -> None:
     """Save as training does (`model_io.model_sharded_state_dict`) into ROOT/iter_0000000."""
     from megatron.core import dist_checkpointing
 
-    from splitllama.checkpoint import layout
+    from splitllama.checkpoint import dirs
     from splitllama.checkpoint.model_io import model_sharded_state_dict
 
     tmp = os.path.join(root, "iter_0000000.tmp")
@@ -73,15 +73,15 @@ def _save_like_training(model, cfg, root: str) -> None:
     dist_checkpointing.save({"model": model_sharded_state_dict(model)}, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
-        layout.write_json(tmp, layout.MODEL_CONFIG, cfg.to_dict())
-        layout.finalize(root, tmp, 0)
+        dirs.write_json(tmp, dirs.MODEL_CONFIG, cfg.to_dict())
+        dirs.finalize(root, tmp, 0)
     dist.barrier()
 
 
 def run_case(case: dict, tokens: torch.Tensor) -> None:
     from megatron.core import parallel_state as ps
 
-    from splitllama.checkpoint import layout
+    from splitllama.checkpoint import dirs
     from splitllama.config.model import ModelConfig
     from splitllama.config.parallel import ParallelConfig
     from splitllama.checkpoint.model_io import load_model_weights
@@ -95,7 +95,7 @@ def run_case(case: dict, tokens: torch.Tensor) -> None:
     tp, pp = case["tp"], case["pp"]
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(parallel)
-    cfg = ModelConfig(**layout.read_json(layout.resolve(case["ckpt"]), layout.MODEL_CONFIG))
+    cfg = ModelConfig(**dirs.read_json(dirs.resolve(case["ckpt"]), dirs.MODEL_CONFIG))
     cfg.transformer_impl = "local"
     plan = PipelineLayout.parse(case["layout"]) if case.get("layout") else None
     model = build_model(cfg, parallel, Numerics(use_cpu_initialization=True), plan).model.eval()

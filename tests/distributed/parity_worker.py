@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 
 def prototype_shard(e, full, tp, rank):
-    """The original prototype's bug (DESIGN.md §4.1): q/k/v and gate/up concatenated, then
+    """The original prototype's bug (docs/design.md §4, trap 1): q/k/v and gate/up concatenated, then
     chunked — wrong weights on every rank at TP > 1."""
     from splitllama.convert.mapping import QKV, GatedFC1
 

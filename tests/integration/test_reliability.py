@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from tests import apprun
 
 pytestmark = pytest.mark.distributed
@@ -66,7 +66,7 @@ def test_broken_latest_resumes_from_newest_complete_and_keeps_every_checkpoint(c
     assert "resuming from the newest complete checkpoint" in p.stdout
     after = _digest(ckpt)
     assert {k: v for k, v in after.items() if k in before} == before  # nothing rewritten or deleted
-    assert (ckpt / "latest").read_text().strip() == "iter_0000006" and ck.is_complete(str(ckpt / "iter_0000006"))
+    assert (ckpt / "latest").read_text().strip() == "iter_0000006" and dirs.is_complete(str(ckpt / "iter_0000006"))
 
 
 def test_fresh_run_into_a_used_directory_is_refused_unless_told(ckpt, tmp_path):
@@ -80,13 +80,15 @@ def test_fresh_run_into_a_used_directory_is_refused_unless_told(ckpt, tmp_path):
     apprun.run(1, ["train.train_iters=1", f"checkpoint.save={ckpt}", "checkpoint.keep_last=1",
                    "checkpoint.overwrite=true"])
     assert (ckpt / "latest").read_text().strip() == "iter_0000001"
-    assert ck.resolve(str(ckpt)).endswith("iter_0000001")  # latest names an existing, complete checkpoint
+    assert dirs.resolve(str(ckpt)).endswith("iter_0000001")  # latest names an existing, complete checkpoint
 
 
 def test_second_concurrent_writer_is_refused_naming_the_holder(ckpt, tmp_path):
     """2: while a run trains into the directory, a second run refuses (host, pid) and writes nothing."""
     m = tmp_path / "a.jsonl"
-    a = apprun.start(1, ["train.train_iters=200", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
+    # A must still hold the lock when B starts: on a loaded machine 200 iterations ended (and saved)
+    # before B had imported Megatron. A never finishes; it is killed below.
+    a = apprun.start(1, ["train.train_iters=100000", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}",
                          f"logging.metrics_file={m}"])
     try:
         apprun.wait_until(a, lambda: 6 in apprun.losses(m))
@@ -173,7 +175,7 @@ def test_full_disk_during_save_says_so_and_leaves_no_tmp(tmp_path, how):
         assert "removed the partial iter_0000004.tmp; latest still names iter_0000002" in errors[0]
         assert "Traceback" not in p.stderr
         assert sorted(os.listdir(save)) == [".lock", "iter_0000002", "latest"]
-        assert ck.resolve(str(save)).endswith("iter_0000002")
+        assert dirs.resolve(str(save)).endswith("iter_0000002")
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", str(save.parent)], capture_output=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from tests import apprun
 
 pytestmark = pytest.mark.distributed
@@ -85,12 +85,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert p.returncode != 0  # killed while writing iteration 20
     assert (save / "latest").read_text().strip() == "iter_0000010"
     assert (save / "iter_0000020.tmp").is_dir() and not (save / "iter_0000020").exists()
-    assert ck.resolve(str(save)).endswith("iter_0000010")
+    assert dirs.resolve(str(save)).endswith("iter_0000010")
     m2 = tmp_path / "m2.jsonl"
     p = apprun.run(1, ["train.train_iters=20", f"checkpoint.save={save}", f"checkpoint.load={save}",
                        f"logging.metrics_file={m2}"])
     assert sorted(apprun.losses(m2)) == list(range(11, 21))
-    assert (save / "latest").read_text().strip() == "iter_0000020" and ck.is_complete(str(save / "iter_0000020"))
+    assert (save / "latest").read_text().strip() == "iter_0000020" and dirs.is_complete(str(save / "iter_0000020"))
     assert not (save / "iter_0000020.tmp").exists()
 
 
@@ -112,7 +112,7 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path, nproc):
     assert proc.returncode == 0, out[-3000:]
     done = max(apprun.losses(m1))
     assert f"[signal] checkpoint saved at iteration {done}" in out
-    assert (save / "latest").read_text().strip() == ck.iter_dirname(done)
+    assert (save / "latest").read_text().strip() == dirs.iter_dirname(done)
     m2 = tmp_path / "m2.jsonl"
     apprun.run(nproc, [f"train.train_iters={done + 3}", f"checkpoint.save={save}", f"checkpoint.load={save}",
                        f"logging.metrics_file={m2}", *pp])
@@ -153,7 +153,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
 def test_checkpoint_model_config_is_used_and_conflicts_refused(tmp_path):
     save = tmp_path / "ckpt"
     apprun.run(1, ["train.train_iters=2", "model.num_layers_upper=2", "model.mlp=true", f"checkpoint.save={save}"])
-    saved = json.loads((save / "iter_0000002" / ck.MODEL_CONFIG).read_text())
+    saved = json.loads((save / "iter_0000002" / dirs.MODEL_CONFIG).read_text())
     assert (saved["num_layers_upper"], saved["mlp"]) == (2, True)
     # configs/tiny.yaml sets model.num_layers_upper: 3 explicitly -> one clear error
     p = apprun.run(1, [f"checkpoint.load={save}", "train.eval_only=true"], check=False)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from tests import apprun
 from tests.launch import torchrun
 
@@ -63,4 +63,4 @@ def test_warmup_checkpoints_on_pp2_with_a_frozen_stage(tmp_path):
     p = apprun.run(2, [f"checkpoint.load={warm}", "checkpoint.finetune=true", "train.train_iters=3",
                        f"checkpoint.save={full}", f"logging.metrics_file={m2}", *pp2])
     assert sorted(apprun.losses(m2)) == [1, 2, 3] and "finetune" in p.stderr + p.stdout
-    assert ck.is_complete(str(full / "iter_0000003"))
+    assert dirs.is_complete(str(full / "iter_0000003"))

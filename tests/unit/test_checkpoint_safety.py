@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.checkpoint.dcp_metadata import CheckpointMetadataError, read_metadata
 from splitllama.checkpoint.lock import CheckpointDirLocked, DirLock
 from splitllama.config.train import CheckpointConfig
@@ -98,7 +98,7 @@ DAMAGE = {  # name: (mutation of the iter dir, text in the error line)
     "corrupt_metadata": (lambda it: (it / ".metadata").write_bytes(b"\x80\x04garbage"), "corrupt checkpoint metadata"),
     "missing_distcp": (lambda it: os.remove(sorted(it.glob("*.distcp"))[0]), ".distcp is missing"),
     "truncated_distcp": (_truncate_distcp, ".distcp is truncated"),
-    "corrupt_model_config": (lambda it: (it / ck.MODEL_CONFIG).write_text("{oops"), "model_config.json: corrupt JSON"),
+    "corrupt_model_config": (lambda it: (it / dirs.MODEL_CONFIG).write_text("{oops"), "model_config.json: corrupt JSON"),
 }
 
 
@@ -171,7 +171,7 @@ def test_converter_debris_of_a_dead_run_is_removed_a_live_one_named(converted, t
                          "--num-layers-lower", "2", "--num-layers-upper", "3", "--no-progress",
                          "--out", str(out)]) == 0
     assert f"removed {tmp_path}/new.tmp-{dead.pid}" in capsys.readouterr().err
-    assert not (tmp_path / f"new.tmp-{dead.pid}").exists() and ck.is_complete(str(_iter_dir(out)))
+    assert not (tmp_path / f"new.tmp-{dead.pid}").exists() and dirs.is_complete(str(_iter_dir(out)))
 
 
 _SLOW_CONVERT = """
@@ -202,10 +202,10 @@ def test_sigterm_to_the_converter_removes_its_partial_output(converted, tmp_path
 
 # ---- 1 / 3: where a run starts ------------------------------------------------------------------
 def _complete(root: Path, it: int) -> Path:
-    d = root / ck.iter_dirname(it)
+    d = root / dirs.iter_dirname(it)
     d.mkdir(parents=True)
     (d / "data").write_text(str(it))
-    ck.mark_complete(str(d))
+    dirs.mark_complete(str(d))
     return d
 
 
@@ -282,8 +282,8 @@ def test_prune_never_deletes_what_latest_names(tmp_path):
         _complete(root, it)
     five = _complete(root, 5)  # a newer run with lower iteration numbers (overwrite=true)
     (root / "latest").write_text("iter_0000005\n")
-    removed = ck.prune(str(root), 1)
-    assert five.is_dir() and ck.resolve(str(root)) == str(five)
+    removed = dirs.prune(str(root), 1)
+    assert five.is_dir() and dirs.resolve(str(root)) == str(five)
     assert sorted(os.path.basename(p) for p in removed) == ["iter_0000010", "iter_0000020"]
 
 

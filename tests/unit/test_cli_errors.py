@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.config.model import PRESETS, ModelConfig
 from splitllama.data.datasets import check_index_sizes, check_prefix
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
@@ -114,11 +114,11 @@ def test_one_line_names_files_and_flattens():
 
 
 def _fake_checkpoint(root: Path, model: ModelConfig) -> Path:
-    it = root / ck.iter_dirname(3)
+    it = root / dirs.iter_dirname(3)
     it.mkdir(parents=True)
-    ck.write_json(str(it), ck.MODEL_CONFIG, model.to_dict())
-    ck.mark_complete(str(it))
-    (root / ck.TRACKER).write_text(ck.iter_dirname(3) + "\n")
+    dirs.write_json(str(it), dirs.MODEL_CONFIG, model.to_dict())
+    dirs.mark_complete(str(it))
+    (root / dirs.TRACKER).write_text(dirs.iter_dirname(3) + "\n")
     return root
 
 
@@ -134,7 +134,7 @@ def test_model_conflict_names_each_differing_field(tmp_path, capsys):
 
 def test_corrupt_model_config_json(tmp_path, capsys):
     root = _fake_checkpoint(tmp_path / "ckpt", ModelConfig())
-    (root / ck.iter_dirname(3) / ck.MODEL_CONFIG).write_text("{not json")
+    (root / dirs.iter_dirname(3) / dirs.MODEL_CONFIG).write_text("{not json")
     rc = app.main(TINY + [f"checkpoint.load={root}", "train.eval_only=true"])
     _one_error(capsys, rc, r"model_config\.json: corrupt JSON")
 

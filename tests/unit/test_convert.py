@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.convert.cli import main as cli_main
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.export_hf import export_hf
@@ -42,8 +42,8 @@ def _import(src, out, **kw):
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
-    ck = DistCheckpoint(str(path))
-    return {k: ck.read(k) for k in ck.tensor_keys()}
+    dist_ckpt = DistCheckpoint(str(path))
+    return {k: dist_ckpt.read(k) for k in dist_ckpt.tensor_keys()}
 
 
 def _expected(src, mlp: bool) -> dict[str, torch.Tensor]:
@@ -65,8 +65,8 @@ def test_import_writes_the_mapping_tables_tensors(src, tmp_path, mlp):
     for k in want:
         assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
     # layout: root/latest -> iter_0000000 with COMPLETE, model_config.json, Megatron metadata
-    assert layout.resolve(str(tmp_path / "ckpt")) == res.path and res.path.endswith("iter_0000000")
-    cfg = json.loads(open(os.path.join(res.path, layout.MODEL_CONFIG)).read())
+    assert dirs.resolve(str(tmp_path / "ckpt")) == res.path and res.path.endswith("iter_0000000")
+    cfg = json.loads(open(os.path.join(res.path, dirs.MODEL_CONFIG)).read())
     assert (cfg["num_layers_lower"], cfg["num_layers_upper"], cfg["mlp"]) == (N, M, mlp)
     assert json.load(open(os.path.join(res.path, "metadata.json")))["sharded_backend"] == "torch_dist"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temp directory left
@@ -132,8 +132,8 @@ def test_reads_only_the_shards_it_needs(src, tmp_path):
 
 def test_bf16_identity_and_row_chunks(src, tmp_path):
     res = _import(src, tmp_path / "ckpt", mlp=False, dtype="bf16", adapter_init="identity", max_chunk_bytes=2048)
-    ck = DistCheckpoint(res.path)
-    emb = ck.tensor_meta("embedding.word_embeddings.weight")
+    dist_ckpt = DistCheckpoint(res.path)
+    emb = dist_ckpt.tensor_meta("embedding.word_embeddings.weight")
     assert len(emb.chunks) == 512 * 64 * 2 // 2048  # 64 row blocks of 16 rows
     got, want = _tensors(res.path), _expected(src, False)
     for k in want:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForTokenClassification
 
-from splitllama.checkpoint import layout
+from splitllama.checkpoint import dirs
 from splitllama.convert.cli import main as cli_main
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.hf.build import critic_from_causal_lm, value_head_weights
@@ -38,8 +38,8 @@ def ckpts(tmp_path_factory):
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
-    ck = DistCheckpoint(str(path))
-    return {k: ck.read(k) for k in ck.tensor_keys()}
+    dist_ckpt = DistCheckpoint(str(path))
+    return {k: dist_ckpt.read(k) for k in dist_ckpt.tensor_keys()}
 
 
 def test_import_hf_head_value_and_lm_to_critic_agree(ckpts):
@@ -56,9 +56,9 @@ def test_import_hf_head_value_and_lm_to_critic_agree(ckpts):
         assert 0.01 < crit["output_layer.weight"].std().item() < 0.03
     assert torch.equal(z["output_layer.weight"], torch.zeros(1, H_UP))
     for name in ("critic_hf", "critic_lm"):
-        cfg = layout.read_json(layout.resolve(str(root / name)), layout.MODEL_CONFIG)
+        cfg = dirs.read_json(dirs.resolve(str(root / name)), dirs.MODEL_CONFIG)
         assert cfg["head"] == "value"
-    assert layout.read_json(layout.resolve(str(root / "lm")), layout.MODEL_CONFIG)["head"] == "lm"
+    assert dirs.read_json(dirs.resolve(str(root / "lm")), dirs.MODEL_CONFIG)["head"] == "lm"
 
 
 def test_export_critic_loads_as_token_classification_and_equals_reference(ckpts, tmp_path):

@@ -156,8 +156,8 @@ def test_worked_example_8b_70b_pp4():
     units = units_for(big_model(), 4096, 1, tp=8, dp=1, recompute="selective")
     planned, uni, par = plan(units, 4), uniform(units, 4), params_balanced(units, 4)
     assert str(uni.layout) == "L10|L10|L10|L2,A,U8"
-    assert 2.0 < uni.bottleneck_over_ideal < 2.4  # DESIGN.md: ~2.2x
-    assert planned.bottleneck_over_ideal < 1.15  # DESIGN.md: ~1.1x
+    assert 2.0 < uni.bottleneck_over_ideal < 2.4  # docs/design.md §5: ~2.2x
+    assert planned.bottleneck_over_ideal < 1.15  # docs/design.md §5: ~1.1x
     assert uni.bottleneck_time >= 1.8 * planned.bottleneck_time
     assert planned.bottleneck_time <= par.bottleneck_time
     assert planned.stages[0].units.startswith("E,") and planned.stages[-1].units.endswith(",H")

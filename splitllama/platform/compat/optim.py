@@ -1,6 +1,7 @@
 """Make Megatron-Core 0.16.1's DistributedOptimizer checkpoint with the plain torch Adam
 fallback (no Transformer Engine / apex), including on ranks that have no optimizer state
-yet (before the first step). Written for megatron-core 0.16.1 (torch 2.13):
+yet (before the first step). Written for megatron-core 0.16.1 (torch 2.13); see
+docs/design.md §8 (frozen parameters and the torch Adam fallback):
 
 1. `state_dict()` reads `step` from the torch optimizer's per-parameter state and asserts
    when there is none. `ensure_state` creates it the way torch Adam would on its first step

@@ -17,7 +17,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import load_file, save_file
 
-from splitllama.checkpoint import layout as ck
+from splitllama.checkpoint import dirs
 from splitllama.platform.compat import writer_queue
 from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights, model_sharded_state_dict
 from splitllama.errors import UsageError, is_disk_full
@@ -53,7 +53,7 @@ def _save_failed(root: str, tmp: str, it: int, exc: BaseException) -> BaseExcept
     shutil.rmtree(tmp, ignore_errors=True)
     if not full:
         return exc
-    latest = ck.latest_name(root)
+    latest = dirs.latest_name(root)
     last = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
     return SaveFailed(f"no space left on device saving the checkpoint of iteration {it} to {root} "
                       f"({last[-1][:200]}); removed the partial "
@@ -96,20 +96,36 @@ def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
                                            metadata=dict(SHARDED_METADATA))
 
 
-_ASYNC = None  # AsyncCallsQueue, created on the first asynchronous save
+class AsyncSaves:
+    """The asynchronous saves of one training run (the loop owns one): Megatron's
+    AsyncCallsQueue, created on the first `checkpoint.async_save` save."""
+
+    def __init__(self) -> None:
+        self._queue = None
+
+    def schedule(self, request) -> None:
+        if self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        self._queue.schedule_async_request(request)
+
+    def finalize(self, blocking: bool = False) -> None:
+        """Complete asynchronous saves whose shards are written (collective)."""
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
 
 
-def save(rt, root: str) -> str:
+def save(rt, root: str, saves: AsyncSaves) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     With `checkpoint.async_save` the shards are written by a background process and the
-    checkpoint becomes `latest` only when `finalize_pending()` sees every rank finished
+    checkpoint becomes `latest` only when `saves.finalize()` sees every rank finished
     (the loop polls it each iteration, and blocks on it before the next save and at exit)."""
-    global _ASYNC
-    finalize_pending(blocking=True)  # at most one save in flight
+    saves.finalize(blocking=True)  # at most one save in flight
     it = rt.state.iteration
     writer_queue.install()
-    tmp = os.path.join(root, ck.tmp_dirname(it))
+    tmp = os.path.join(root, dirs.tmp_dirname(it))
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
@@ -131,23 +147,20 @@ def save(rt, root: str) -> str:
         if os.environ.get(FAULT_KILL_IN_SAVE) == str(it):  # fault injection: crash-in-save test
             os.kill(os.getpid(), signal.SIGKILL)
         if dist.get_rank() == 0:
-            ck.write_json(tmp, ck.MODEL_CONFIG, model_dict)
-            with open(os.path.join(tmp, ck.JOB_CONFIG), "w") as f:
+            dirs.write_json(tmp, dirs.MODEL_CONFIG, model_dict)
+            with open(os.path.join(tmp, dirs.JOB_CONFIG), "w") as f:
                 f.write(job_yaml)
-            ck.write_json(tmp, ck.TRAIN_STATE, meta)
-            ck.finalize(root, tmp, it)
-            ck.prune(root, keep)
+            dirs.write_json(tmp, dirs.TRAIN_STATE, meta)
+            dirs.finalize(root, tmp, it)
+            dirs.prune(root, keep)
 
-    final = os.path.join(root, ck.iter_dirname(it))
+    final = os.path.join(root, dirs.iter_dirname(it))
     try:
         if rt.job.checkpoint.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
             request = dist_checkpointing.save(sd, tmp, async_sharded_save=True)
             _write_rng(tmp, rng)
             request.add_finalize_fn(complete)
-            _ASYNC = _ASYNC or AsyncCallsQueue()
-            _ASYNC.schedule_async_request(request)
+            saves.schedule(request)
             return final
         dist_checkpointing.save(sd, tmp)
         _write_rng(tmp, rng)
@@ -166,23 +179,17 @@ def _write_rng(tmp: str, rng: dict) -> None:
     save_file(rng, _rng_file(tmp))
 
 
-def finalize_pending(blocking: bool = False) -> None:
-    """Complete asynchronous saves whose shards are written (collective)."""
-    if _ASYNC is not None:
-        _ASYNC.maybe_finalize_async_calls(blocking=blocking)
-
-
 def load(rt, path: str, finetune: bool) -> None:
     """Resume (weights, optimizer, scheduler, RNG, data position, iteration) or, with
     `finetune`, take the weights only and start at iteration 0."""
-    ckpt = ck.resolve(path)
+    ckpt = dirs.resolve(path)
     if finetune:
         load_model_weights(rt.inner, ckpt)
         log.info("loaded weights from %s (finetune: fresh optimizer, iteration 0)", ckpt)
         return
-    meta = ck.read_json(ckpt, ck.TRAIN_STATE)
+    meta = dirs.read_json(ckpt, dirs.TRAIN_STATE)
     if meta is None:
-        raise ValueError(f"{ckpt} holds no {ck.TRAIN_STATE}: it is a weights-only checkpoint "
+        raise ValueError(f"{ckpt} holds no {dirs.TRAIN_STATE}: it is a weights-only checkpoint "
                          f"(e.g. converted from HF); load it with checkpoint.finetune=true")
     model_sd = model_sharded_state_dict(rt.inner)
     sd = {"model": model_sd}
