@@ -2,5 +2,4 @@
 ones): ``dirs`` (directory layout: ``latest``, ``iter_N``, ``COMPLETE``, atomic finalize,
 prune), ``lock`` (one writer per save directory), ``dcp_metadata`` (reading ``.metadata``
 without unpickling, file-size checks), ``model_io`` (the model's sharded state dict and a
-weights-only load), ``writer_queue`` (the results queue of Megatron-Core's async writer).
-Saving and resuming a training run is ``splitllama.training.checkpointing``."""
+weights-only load). Saving and resuming a training run is ``splitllama.training.checkpointing``."""
