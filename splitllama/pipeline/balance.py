@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.pipeline.plan import evaluate, plan
+from splitllama.pipeline.plan import StageOverhead, evaluate, plan
 
 SUGGEST_THRESHOLD = 1.05  # suggest a layout predicted >= 5 % faster
 
@@ -106,13 +106,15 @@ def measured_units(units: Sequence[Unit], layout: PipelineLayout | str,
 
 def analyze(units: Sequence[Unit], layout: PipelineLayout | str, stage_busy_s: Sequence[float],
             num_microbatches: int, *, memory_budget: Optional[float] = None,
-            predicted_step_s: Optional[float] = None, measured_step_s: Optional[float] = None,
+            stage_overhead: Optional[StageOverhead] = None, predicted_step_s: Optional[float] = None, measured_step_s: Optional[float] = None,
             threshold: float = SUGGEST_THRESHOLD) -> BalanceReport:
     """Balance of the layout that ran, from each stage's busy seconds per step.
 
     ``units``: the run's unit costs (their source is the caller's choice); ``stage_busy_s``:
     per stage, forward + backward compute seconds per step (``num_microbatches`` micro-batches);
-    ``memory_budget``: bytes per GPU the suggested layout must fit (None: unconstrained)."""
+    ``memory_budget``: bytes per GPU the suggested layout must fit (None: unconstrained);
+    ``stage_overhead``: the per-stage costs of a profile (step time then includes them, so the
+    suggestion is what the profile planner would choose over the measured unit costs)."""
     layout = _layout(layout)
     pp = layout.pp
     busy = tuple(float(b) for b in stage_busy_s)
@@ -121,9 +123,11 @@ def analyze(units: Sequence[Unit], layout: PipelineLayout | str, stage_busy_s: S
     suggestion = speedup = None
     if ratio is not None and min(busy) > 0 and pp > 1:
         scaled = measured_units(units, layout, [b / num_microbatches for b in busy])
-        current = evaluate(layout, scaled, pp, memory_budget, num_microbatches)
+        current = evaluate(layout, scaled, pp, memory_budget, num_microbatches,
+                           stage_overhead=stage_overhead)
         try:
-            best = plan(scaled, pp, "1f1b", memory_budget, num_microbatches)
+            best = plan(scaled, pp, "1f1b", memory_budget, num_microbatches,
+                        stage_overhead=stage_overhead)
         except ValueError:  # nothing fits the budget: nothing to suggest
             best = None
         if best is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from splitllama.config.resolve import split_units
+from splitllama.config.resolve import split_costs
 from splitllama.pipeline.balance import BalanceReport, analyze
 from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.plan import GiB, evaluate
@@ -26,15 +26,21 @@ from splitllama.training.stage_timers import StageTimers
 
 class BalanceMonitor:
     def __init__(self, rt, units: Optional[Sequence[Unit]] = None) -> None:
-        """``units``: the run's unit costs (default: those its pipeline split was chosen on)."""
+        """``units``: the run's unit costs (default: those its pipeline split was chosen on, with
+        the profile's per-stage costs when ``parallel.pipeline_split=profile``)."""
         par = rt.job.parallel
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.layout = rt.layout
         self.num_microbatches = rt.num_microbatches
-        self.units = list(units) if units is not None else split_units(rt.job, rt.dp_size)
+        if units is None:
+            units, self.overhead = split_costs(rt.job, rt.dp_size)
+        else:
+            self.overhead = None
+        self.units = list(units)
         self.budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
         self.predicted_step_s = evaluate(self.layout, self.units, self.pp, self.budget,
-                                         self.num_microbatches).step_time_s
+                                         self.num_microbatches,
+                                         stage_overhead=self.overhead).step_time_s
         self.timers = StageTimers(cuda=not rt.on_cpu)
         rt.inner.config.timers = self.timers  # the config Megatron's schedules read
 
@@ -57,7 +63,8 @@ class BalanceMonitor:
         if dist.get_rank() != 0:
             return None
         r = analyze(self.units, self.layout, busy, self.num_microbatches,
-                    memory_budget=self.budget, predicted_step_s=self.predicted_step_s,
+                    memory_budget=self.budget, stage_overhead=self.overhead,
+                    predicted_step_s=self.predicted_step_s,
                     measured_step_s=measured_step_s)
         return replace(r, report_s=time.perf_counter() - t0)
 

@@ -68,3 +68,35 @@ def test_report_off(tmp_path):
     out, recs = _run(tmp_path, "off", BAD, "logging.pipeline_balance=false", "train.train_iters=10")
     assert recs and all("pipeline_balance" not in r for r in recs)
     assert "[pipeline balance]" not in out
+
+
+def test_bad_layout_suggests_the_profile_plan(tmp_path):
+    """With a real profile of this machine (one thread, as each training process has) and a
+    deliberately bad explicit layout, the live report's suggestion is the layout the profile
+    planner (`parallel.pipeline_split=profile`) chooses: the run's units are the profile's,
+    rescaled per stage by what each stage measured, planned with the profile's per-stage costs."""
+    import os
+    import subprocess
+    import sys
+
+    from splitllama.pipeline.measured import job_key, load_profile, stage_overhead, units_from_profile
+
+    prof_path = str(tmp_path / "tiny_profile.json")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    over = [o for o in RUN if o.startswith(("train.global", "parallel."))]
+    tool = [sys.executable, str(REPO / "tools" / "plan_pipeline.py"), "--config", str(REPO / "configs/tiny.yaml"),
+            *over, "--profile", "--profile-out", prof_path]
+    r = subprocess.run(tool, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = load_job_config(str(REPO / "configs/tiny.yaml"), over)
+    prof = load_profile(prof_path, job_key(job))
+    m = 16 // 4
+    best = plan(units_from_profile(prof, job.model), 2, "1f1b", None, m, stage_overhead=stage_overhead(prof))
+    assert str(best.layout) != BAD
+    out, recs = _run(tmp_path, "bad_profiled", BAD, "parallel.pipeline_split=profile",
+                     f"parallel.profile_file={prof_path}")
+    pb = recs[-1]["pipeline_balance"]
+    assert pb["layout"] == BAD and pb["suggested_layout"] == str(best.layout), (pb, str(best.layout))
+    # the prediction is the profile's (measured costs + per-stage overhead), not the analytic H100's
+    assert 0.5 < pb["predicted_step_s"] / pb["measured_step_s"] < 2.0, pb
+    assert f"UNBALANCED: try parallel.pipeline_layout={best.layout} " in out
