@@ -3,7 +3,8 @@ CPU (torchrun, 2 processes x 1 thread, gloo), every split's predicted vs measure
 
 Two proxies share the widths (lower hidden 256 / ffn 896 / 8 heads / 2 KV groups, upper 512 /
 1792 / 8 / 2, vocab 8192 so the head weighs about one upper layer, as the real 128k head does
-at TP=8), seq 128, micro-batch 1, 4 micro-batches per step:
+at TP=8), seq 128, micro-batch 1, 16 micro-batches per step (m >> pp, as in real training:
+with 4 the per-step optimizer cost, which does not move with the split, was a third of the step):
   balanced  N=16, M=4 (the original proxy);
   unbalanced N=6, M=6 (uniform's predicted bottleneck/ideal >= 1.4).
 ONE unit profile is taken first (`splitllama.pipeline.profile`, 1 thread, as each PP process
@@ -35,7 +36,7 @@ PROXY_LOWER = {"hidden_size": 256, "intermediate_size": 896, "num_attention_head
 PROXY_UPPER = {"hidden_size": 512, "intermediate_size": 1792, "num_attention_heads": 8, "num_key_value_heads": 2,
                "num_hidden_layers": 8, "vocab_size": 8192, "max_position_embeddings": 1024}
 PROXIES = {"balanced": (16, 4), "unbalanced": (6, 6)}
-PART_C = {"pp": 2, "seq_length": 128, "micro_batch_size": 1, "global_batch_size": 4, "iters": 8, "warmup": 2,
+PART_C = {"pp": 2, "seq_length": 128, "micro_batch_size": 1, "global_batch_size": 16, "iters": 7, "warmup": 2,
           "rounds": 1, "threads_per_proc": 1, "profile_reps": 10}
 ARMS = ("uniform", "cost", "profile")
 ARM_OVERRIDES = {"uniform": ["parallel.pipeline_split=uniform"], "cost": ["parallel.pipeline_split=cost"],
