@@ -13,6 +13,8 @@ profile ``parallel.profile_file`` when one is configured; the job is not modifie
   (`num_microbatches` below is the one place it is computed);
 * ``layout``: the `PipelineLayout` this run builds, and ``stage_plan``: the planner's
   `StagePlan` costing it (when PP > 1, an explicit layout or a memory budget is set; else None);
+* ``split``: the `SplitInputs` that plan was made over (the unit costs, analytic or from a
+  profile, derived once per run; None with ``stage_plan``);
 * ``on_cpu``, ``bf16``: where the run computes and the effective precision
   (``train.bf16`` null: bf16 on GPU, fp32 on CPU);
 * ``recompute``: the effective activation recomputation (`Recompute`).
@@ -51,6 +53,17 @@ class Recompute:
 
 
 @dataclass(frozen=True)
+class SplitInputs:
+    """What the pipeline planner needs, in its own narrow terms."""
+
+    units: tuple[Unit, ...]
+    pp: int
+    num_microbatches: int
+    memory_budget: Optional[float]  # bytes per GPU; None: unconstrained
+    stage_overhead: Optional[StageOverhead] = None  # measured per-stage costs (a profile)
+
+
+@dataclass(frozen=True)
 class RunPlan:
     """Everything derived from a job for a world size (see the module docstring)."""
 
@@ -63,21 +76,11 @@ class RunPlan:
     num_microbatches: int
     layout: PipelineLayout
     stage_plan: Optional[StagePlan]
+    split: Optional[SplitInputs]  # the unit costs the layout was chosen / costed on
     on_cpu: bool
     bf16: bool
     recompute: Recompute
     vocab_size: Optional[int]  # the data's vocabulary (null tokenizer); None: the tokenizer's own
-
-
-@dataclass(frozen=True)
-class SplitInputs:
-    """What the pipeline planner needs, in its own narrow terms."""
-
-    units: tuple[Unit, ...]
-    pp: int
-    num_microbatches: int
-    memory_budget: Optional[float]  # bytes per GPU; None: unconstrained
-    stage_overhead: Optional[StageOverhead] = None  # measured per-stage costs (a profile)
 
 
 def num_microbatches(train: TrainConfig, dp: int) -> int:
@@ -103,7 +106,7 @@ def resolve(job: JobConfig, world_size: int, *, on_cpu: Optional[bool] = None,
     data.validate()
     effective = dataclasses.replace(job, data=data) if data is not job.data else job
     check_packing(effective)
-    layout, costed = _choose_layout(effective, dp, hardware)
+    layout, costed, split = _choose_layout(effective, dp, hardware)
     if on_cpu is None:
         from splitllama.platform import cpu
 
@@ -113,7 +116,7 @@ def resolve(job: JobConfig, world_size: int, *, on_cpu: Optional[bool] = None,
                           (tr.recompute_num_layers or 1) if full else None)
     return RunPlan(job=effective, world_size=world_size, tp=tp, pp=pp, dp=dp,
                    sequence_parallel=par.sequence_parallel and tp > 1,
-                   num_microbatches=num_microbatches(tr, dp), layout=layout, stage_plan=costed,
+                   num_microbatches=num_microbatches(tr, dp), layout=layout, stage_plan=costed, split=split,
                    on_cpu=on_cpu, bf16=tr.bf16 if tr.bf16 is not None else not on_cpu,
                    recompute=recompute, vocab_size=data.vocab_size)
 
@@ -179,11 +182,6 @@ def split_costs(job: JobConfig, dp: int, hardware: Optional[Hardware] = None,
     return units_for_job(job, dp, hardware), None
 
 
-def split_units(job: JobConfig, dp: int, hardware: Optional[Hardware] = None) -> list[Unit]:
-    """The units of `split_costs` (what the live balance report rescales)."""
-    return split_costs(job, dp, hardware)[0]
-
-
 def split_inputs(job: JobConfig, dp: int, hardware: Optional[Hardware] = None) -> SplitInputs:
     par = job.parallel
     units, overhead = split_costs(job, dp, hardware)
@@ -198,8 +196,11 @@ def stage_plan(job: JobConfig, dp: int, hardware: Optional[Hardware] = None) -> 
     params | profile (planner over a profile's measured unit times and per-stage costs), under
     ``parallel.memory_budget_gb``. Warns (does not raise) when an explicit / uniform / params
     split exceeds the budget; the cost planner raises when no split fits."""
+    return _stage_plan(job, split_inputs(job, dp, hardware))  # units: see split_costs
+
+
+def _stage_plan(job: JobConfig, s: SplitInputs) -> StagePlan:
     par = job.parallel
-    s = split_inputs(job, dp, hardware)  # the units: see split_costs (where a profile plugs in)
     if par.pipeline_layout:
         result = evaluate(par.pipeline_layout, s.units, s.pp, s.memory_budget, s.num_microbatches,
                           stage_overhead=s.stage_overhead)
@@ -222,20 +223,22 @@ def stage_plan(job: JobConfig, dp: int, hardware: Optional[Hardware] = None) -> 
     return result
 
 
-def _choose_layout(job: JobConfig, dp: int,
-                   hardware: Optional[Hardware]) -> tuple[PipelineLayout, Optional[StagePlan]]:
+def _choose_layout(job: JobConfig, dp: int, hardware: Optional[Hardware]
+                   ) -> tuple[PipelineLayout, Optional[StagePlan], Optional[SplitInputs]]:
     """One stage at PP=1 (a memory budget is checked there too: a single stage over budget is
-    refused), else the split method's layout."""
+    refused), else the split method's layout; with the plan that costs it and its inputs (the
+    unit costs are derived, and a profile read, once per run)."""
     m, par = job.model, job.parallel
     pp = par.pipeline_model_parallel_size
     if pp == 1 and not par.pipeline_layout:
-        layout, costed = PipelineLayout.single_stage(m.num_layers_lower, m.num_layers_upper), None
+        layout, costed, s = PipelineLayout.single_stage(m.num_layers_lower, m.num_layers_upper), None, None
         if par.memory_budget_gb:  # raises, naming the need, when the one stage does not fit
             s = split_inputs(job, dp, hardware)
             costed = plan(s.units, 1, "1f1b", s.memory_budget, s.num_microbatches,
                           stage_overhead=s.stage_overhead)
     else:
-        costed = stage_plan(job, dp, hardware)
+        s = split_inputs(job, dp, hardware)
+        costed = _stage_plan(job, s)
         layout = costed.layout
     layout.validate(m.num_layers_lower, m.num_layers_upper, pp)
-    return layout, costed
+    return layout, costed, s

@@ -10,34 +10,27 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from splitllama.config.resolve import split_costs
 from splitllama.pipeline.balance import BalanceReport, analyze
-from splitllama.pipeline.cost import Unit
-from splitllama.pipeline.plan import GiB, evaluate
+from splitllama.pipeline.plan import evaluate
 from splitllama.platform.device import device as local_device
 from splitllama.training.stage_timers import StageTimers
 
 
 class BalanceMonitor:
-    def __init__(self, rt, units: Optional[Sequence[Unit]] = None) -> None:
-        """``units``: the run's unit costs (default: those its pipeline split was chosen on, with
-        the profile's per-stage costs when ``parallel.pipeline_split=profile``)."""
-        par = rt.job.parallel
+    def __init__(self, rt) -> None:
+        """The run's unit costs are those its pipeline split was chosen on (``rt.plan.split``,
+        with the profile's per-stage costs when ``parallel.pipeline_split=profile``)."""
+        split = rt.plan.split
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.layout = rt.layout
         self.num_microbatches = rt.num_microbatches
-        if units is None:
-            units, self.overhead = split_costs(rt.job, rt.dp_size)
-        else:
-            self.overhead = None
-        self.units = list(units)
-        self.budget = par.memory_budget_gb * GiB if par.memory_budget_gb else None
+        self.units, self.overhead, self.budget = list(split.units), split.stage_overhead, split.memory_budget
         self.predicted_step_s = evaluate(self.layout, self.units, self.pp, self.budget,
                                          self.num_microbatches,
                                          stage_overhead=self.overhead).step_time_s
