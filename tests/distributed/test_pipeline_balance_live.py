@@ -17,7 +17,13 @@ from tests.launch import REPO
 
 pytestmark = pytest.mark.distributed
 
-BAD = "L2,A,U2|U1"  # the tiny model's embedding, 2 lower layers, adapter and 2 of 3 upper on stage 0
+# Deliberately bad: stage 0 holds the embedding and one lower layer, stage 1 everything else.
+# It is bad by far more than timing noise: the measured per-stage scale factors of a PP=2 run on
+# two shared vCPUs differ by up to ~1.5x (one stage slowed by the other's compute), and for any
+# ratio of the two factors in 0.5..3 the plan over the measured costs is still the profile plan
+# (L2,A,U1|U2). The one-unit-off layout L2,A,U2|U1 flips to "balanced" once stage 1's factor is
+# 1.25x stage 0's (seen once in CI).
+BAD = "L1|L1,A,U3"
 RUN = ["train.train_iters=20", "logging.log_interval=10", "train.global_batch_size=16",
        "parallel.pipeline_model_parallel_size=2"]
 KEYS = {"stage_busy_s", "measured_bottleneck_over_ideal", "predicted_step_s", "measured_step_s",
@@ -39,7 +45,7 @@ def test_bad_layout_is_flagged_and_following_the_suggestion_balances_it(tmp_path
     assert len(busy) == 2 and all(b > 0 for b in busy)
     assert step == recs[-1]["step_time_s"]
     # busy excludes waiting on the neighbour: the light stage is idle for much of the step
-    assert busy[1] < 0.8 * step and max(busy) < step
+    assert min(busy) < 0.8 * step and max(busy) < step
     assert pb["measured_bottleneck_over_ideal"] == pytest.approx(max(busy) * 2 / sum(busy))
     assert pb["measured_bottleneck_over_ideal"] > 1.2, pb
 
