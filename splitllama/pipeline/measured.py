@@ -57,6 +57,11 @@ class StepCosts:
     p2p_latency_s: float
     p2p_s_per_byte: float
     p2p_source: str = "measured"  # how the p2p numbers were obtained
+    # unit time while ``contention_procs`` processes of this host compute at once / alone
+    # (`StageOverhead.host_contention`); 1.0 when the stages do not share compute (GPUs)
+    host_contention: float = 1.0
+    contention_procs: int = 2
+    contention_source: str = "not measured"
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,8 @@ def stage_overhead(profile: Profile, dp: int = 1, distributed_optimizer: bool = 
                          grad_finalize_s_per_param=c.grad_finalize_s_per_param, fixed_s=c.fixed_s,
                          p2p_latency_s=c.p2p_latency_s, p2p_s_per_byte=c.p2p_s_per_byte,
                          dtype_bytes=_dtype_bytes(profile.key),
-                         optimizer_shards=dp if distributed_optimizer else 1)
+                         optimizer_shards=dp if distributed_optimizer else 1,
+                         host_contention=c.host_contention, contention_procs=c.contention_procs)
 
 
 # ---- calibration of the analytic model ---------------------------------------------------------

@@ -13,7 +13,8 @@ gradient finalisation per local parameter, a fixed per-stage cost, p2p latency +
 boundary message) are optional. Without them a plan's step time is the classic
 ``(m + pp - 1) x bottleneck``; with them it is the makespan of Megatron's 1F1B schedule
 (`one_f_one_b_makespan`: warm-up forwards, steady 1F1B, cool-down backwards, p2p delay on each
-boundary) plus the slowest stage's overhead, and `plan` minimises that predicted step time.
+boundary; with a profile's host contention, `simulate_1f1b`) plus the slowest stage's overhead,
+and `plan` minimises that predicted step time.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Callable, Optional, Sequence
 
 from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.layout import PipelineLayout
+from splitllama.pipeline.schedule import one_f_one_b_makespan, simulate_1f1b  # noqa: F401 (one_f_one_b_makespan re-exported)
 
 GiB = float(2 ** 30)
 
@@ -64,6 +66,11 @@ class StageOverhead:
     p2p_s_per_byte: float = 0.0
     dtype_bytes: float = 2.0
     optimizer_shards: int = 1
+    # Host contention (`splitllama.pipeline.schedule.simulate_1f1b`): each stage runs
+    # ``host_contention`` times slower while ``contention_procs`` stage processes compute at once
+    # (they share one host's cores: CPU); 1.0 when each stage has its own device.
+    host_contention: float = 1.0
+    contention_procs: int = 2
 
     def stage_seconds(self, group: Sequence[Unit]) -> float:
         local = sum(u.param_bytes for u in group) / self.dtype_bytes
@@ -72,51 +79,6 @@ class StageOverhead:
 
     def p2p_seconds(self, nbytes: float) -> float:
         return self.p2p_latency_s + nbytes * self.p2p_s_per_byte
-
-
-def one_f_one_b_makespan(fwd: Sequence[float], bwd: Sequence[float], p2p: Sequence[float],
-                         m: int) -> tuple[float, list[float]]:
-    """Makespan of Megatron's non-interleaved 1F1B schedule
-    (``forward_backward_pipelining_without_interleaving``) and each stage's finish time: stage
-    k runs ``min(pp - k - 1, m)`` warm-up forwards, then (forward, backward) pairs, then the
-    remaining backwards; F(k, j) waits for F(k-1, j) plus ``p2p[k-1]``, B(k, j) for B(k+1, j)
-    plus ``p2p[k]`` (the blocking send/recv pairs wait on exactly these)."""
-    pp = len(fwd)
-    orders = []
-    for k in range(pp):
-        w = min(pp - k - 1, m)
-        ops = [("F", j) for j in range(w)]
-        for i in range(m - w):
-            ops += [("F", w + i), ("B", i)]
-        ops += [("B", j) for j in range(m - w, m)]
-        orders.append(ops)
-    done: dict = {}
-    pos, clock = [0] * pp, [0.0] * pp
-    remaining = pp * 2 * m
-    while remaining:
-        progressed = False
-        for k in range(pp):
-            while pos[k] < len(orders[k]):
-                op, j = orders[k][pos[k]]
-                if op == "F":
-                    dep = None if k == 0 else done.get(("F", k - 1, j))
-                    if k and dep is None:
-                        break
-                    start = max(clock[k], dep + p2p[k - 1] if k else 0.0)
-                    clock[k] = start + fwd[k]
-                else:
-                    dep = None if k == pp - 1 else done.get(("B", k + 1, j))
-                    if k < pp - 1 and dep is None:
-                        break
-                    start = max(clock[k], dep + p2p[k] if k < pp - 1 else 0.0)
-                    clock[k] = start + bwd[k]
-                done[(op, k, j)] = clock[k]
-                pos[k] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:  # cannot happen for 1F1B; guard against an endless loop
-            raise RuntimeError("1F1B simulation deadlocked")
-    return max(clock), clock
 
 
 @dataclass(frozen=True)
@@ -160,9 +122,16 @@ class StagePlan:
             return None
         if self.overhead is None:
             return (m + len(self.stages) - 1) * self.bottleneck_time
-        span, _ = one_f_one_b_makespan([s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
-                                       [s.p2p_s for s in self.stages], m)
+        span = self.simulate()[0]
         return span + max(s.overhead_s for s in self.stages)
+
+    def simulate(self) -> tuple[float, list[float], list[float]]:
+        """`simulate_1f1b` of this plan's stages (needs ``num_microbatches``): makespan, per-stage
+        finish time and per-stage compute seconds as experienced (host contention included)."""
+        o = self.overhead or StageOverhead()
+        return simulate_1f1b([s.fwd_s for s in self.stages], [s.bwd_s for s in self.stages],
+                             [s.p2p_s for s in self.stages], self.num_microbatches,
+                             o.host_contention, o.contention_procs)
 
     @property
     def pipeline_efficiency(self) -> Optional[float]:
@@ -339,7 +308,8 @@ def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhea
             bounds.append(bounds[-1] + c)
         st = list(zip(range(pp), bounds[:-1], bounds[1:]))
         p2p = [overhead.p2p_seconds(core[j - 1].p2p_bytes) if k < pp - 1 else 0.0 for k, _, j in st]
-        span, _ = one_f_one_b_makespan([fwd(*s) for s in st], [bwd(*s) for s in st], p2p, m)
+        span = simulate_1f1b([fwd(*s) for s in st], [bwd(*s) for s in st], p2p, m,
+                             overhead.host_contention, overhead.contention_procs)[0]
         return span + max(ocost(*s) for s in st)
 
     if math.comb(n - 1, pp - 1) <= EXHAUSTIVE_LIMIT:

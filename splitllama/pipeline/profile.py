@@ -20,7 +20,14 @@ Per-step costs (what does not move with the micro-batches, `measured.StepCosts`)
   written instead (``p2p_source`` says which). One-way time = round trip / 2, fitted as
   latency + bytes x seconds/byte;
 * fixed per stage per step: four scalar all-reduces (loss, finite check, grad norm, signal
-  check) estimated as 4 x the p2p latency.
+  check) estimated as 4 x the p2p latency;
+* host contention (CPU, one process, PP > 1): the stage processes of a CPU run share the host's
+  cores, and on this 2-vCPU box each runs 22-36 % slower while the other computes. The units are
+  timed alone and while ``pp - 1`` other processes (one thread each, `unit_load`) run the same
+  units' forward + backward, alternating (CONTENTION_ROUNDS rounds: the box's own
+  noise moves single timings by 10-30 %); ``host_contention`` = the median over the rounds of the
+  summed unit medians loaded / alone, with ``contention_procs = pp``. On a GPU (one device per stage) and under torchrun it is not
+  measured and is 1.0 (``contention_source`` says which).
 """
 from __future__ import annotations
 
@@ -262,7 +269,91 @@ def _p2p_costs(boundary_bytes: int, on_cuda: bool, reps: int = 20) -> tuple[floa
     return lat, per, "measured: 2-process gloo spawn ping-pong on this host"
 
 
-def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True) -> Profile:
+CONTENTION_ROUNDS = 4  # alternating alone / loaded timings; the median of the rounds' ratios
+
+
+def unit_load(job, control_dir: str) -> None:
+    """Background stage process for `_contention`: build the profile's one-stage model and run
+    its units' forward + backward in a loop while ``control_dir/go`` exists; exit once
+    ``control_dir/stop`` exists (``control_dir/ready.<pid>`` says the model is built)."""
+    from splitllama.training.preflight import run_plan
+    from splitllama.training.runtime import build_runtime
+
+    rt = build_runtime(run_plan(_profile_job(job)))
+    fns = _unit_fns(rt, job.data.seq_length, job.train.micro_batch_size)
+    open(os.path.join(control_dir, f"ready.{os.getpid()}"), "w").close()
+    go, stop = os.path.join(control_dir, "go"), os.path.join(control_dir, "stop")
+    while not os.path.exists(stop):
+        if not os.path.exists(go):
+            time.sleep(0.01)
+            continue
+        for fn in fns.values():
+            y, needs_grad = fn()
+            y.backward(torch.ones_like(y) if needs_grad else None)
+            del y
+
+
+def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, int, str]:
+    """(host_contention, contention_procs, source): see the module docstring."""
+    pp = job.parallel.pipeline_model_parallel_size
+    if local_device().type == "cuda":
+        return 1.0, max(pp, 2), "1.0: one device per stage (GPU), not measured"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return 1.0, max(pp, 2), "not measured under torchrun (the ranks already ran concurrently)"
+    if pp < 2:
+        return 1.0, 2, "not measured (pipeline_model_parallel_size=1: one process computes)"
+    import yaml
+
+    seq, b = job.data.seq_length, job.train.micro_batch_size
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def chain_s(timed: dict) -> float:
+        return sum(t.fwd_s + t.bwd_s for t in timed.values())
+
+    ratios, per_round = [], max(3, reps // 2)
+    with tempfile.TemporaryDirectory(prefix="splitllama_contention_") as ctl:
+        cfg = os.path.join(ctl, "job.yaml")
+        with open(cfg, "w") as f:
+            yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+        procs = [subprocess.Popen([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
+                                   "--unit-load", ctl], env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(pp - 1)]
+        try:
+            t0 = time.time()
+            while sum(n.startswith("ready.") for n in os.listdir(ctl)) < len(procs):
+                dead = [p for p in procs if p.poll() is not None]
+                if dead:
+                    raise RuntimeError(f"contention load process failed (exit {dead[0].returncode}):\n"
+                                       f"{dead[0].stderr.read()[-3000:]}")
+                if time.time() - t0 > timeout_s:
+                    raise TimeoutError(f"contention load processes not ready after {timeout_s:.0f} s")
+                time.sleep(0.1)
+            go = os.path.join(ctl, "go")
+            for _ in range(CONTENTION_ROUNDS):
+                if os.path.exists(go):
+                    os.remove(go)
+                time.sleep(0.1)
+                alone = chain_s(_time_units(rt, seq, b, 1, per_round, False))
+                open(go, "w").close()
+                time.sleep(0.1)
+                loaded = chain_s(_time_units(rt, seq, b, 1, per_round, False))
+                ratios.append(loaded / alone)
+        finally:
+            open(os.path.join(ctl, "stop"), "w").close()
+            for p in procs:
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    return _median(ratios), pp, (f"measured: median over {CONTENTION_ROUNDS} rounds of the units timed while "
+                                 f"{pp - 1} other process(es) of this host ran the same units (1 thread each) "
+                                 f"/ alone; rounds {', '.join(f'{x:.3f}' for x in ratios)}")
+
+
+def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True, contention: bool = True) -> Profile:
     """Profile the job's units on this device (initialises torch.distributed at the job's TP when
     it is not running yet: under torchrun every rank must call this)."""
     from splitllama.training.preflight import run_plan
@@ -279,7 +370,8 @@ def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True) -> Prof
     width_bytes = 2 if key["dtype"] == "bf16" else 4
     boundary = seq * b * job.model.upper.hidden_size * width_bytes // (tp if key["sequence_parallel"] else 1)
     lat, per, src = _p2p_costs(boundary, on_cuda) if p2p else (0.0, 0.0, "not measured (p2p=False)")
-    costs = StepCosts(opt, fin, 4 * lat, lat, per, src)
+    hc, hp, hsrc = _contention(rt, job, reps) if contention else (1.0, 2, "not measured (contention=False)")
+    costs = StepCosts(opt, fin, 4 * lat, lat, per, src, hc, hp, hsrc)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "warmup": warmup, "reps": reps, "statistic": "median", "profiled_local_params": params,
             "world_size": dist.get_world_size(), "host": os.uname().nodename,

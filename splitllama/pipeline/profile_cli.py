@@ -56,6 +56,8 @@ def describe(prof: Profile, job) -> str:
     lines.append(f"per step: optimizer {c.optimizer_s_per_param * 1e9:.2f} ns/param, grad finalisation "
                  f"{c.grad_finalize_s_per_param * 1e9:.2f} ns/param, p2p {c.p2p_latency_s * 1e6:.0f} us + "
                  f"{c.p2p_s_per_byte * 1e9:.3f} ns/byte ({c.p2p_source})")
+    lines.append(f"host contention: units x{c.host_contention:.3f} while {c.contention_procs} stage processes "
+                 f"compute at once ({c.contention_source})")
     lines.append(f"calibrated analytic model: {hw.peak_flops * hw.flops_efficiency / 1e12:.3g} TFLOP/s effective, "
                  f"{hw.mem_bandwidth * hw.bandwidth_efficiency / 1e9:.3g} GB/s effective")
     return "\n".join(lines)
@@ -100,12 +102,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     def _main(argv):
         ap = argparse.ArgumentParser(description="take a unit profile of a job")
         ap.add_argument("--config", required=True)
-        ap.add_argument("--profile-out", required=True)
+        ap.add_argument("--profile-out")
+        ap.add_argument("--unit-load", metavar="DIR", help=argparse.SUPPRESS)  # profile.unit_load
         ap.add_argument("--warmup", type=int, default=3)
         ap.add_argument("--reps", type=int, default=10)
         args, rest = ap.parse_known_args(argv)
         job = load_job_config(args.config, normalize_argv(rest))
-        from splitllama.pipeline.profile import save, take_profile
+        from splitllama.pipeline.profile import save, take_profile, unit_load
+
+        if args.unit_load:
+            unit_load(job, args.unit_load)
+            return 0
+        if not args.profile_out:
+            ap.error("--profile-out is required")
 
         save(take_profile(job, args.warmup, args.reps), args.profile_out)
         return 0
