@@ -10,17 +10,18 @@ Parts:
       our local layer spec, fp32, micro-batch 1, small seq), runs of the two interleaved, median
       after a warmup, against the cost model's predicted ratio of fwd+bwd FLOPs of an upper
       unit over a lower unit at the same seq (the hardware constants cancel in the ratio).
-  (c) measured — two scaled proxies of the stitched model (width ratio kept; "balanced" N=16,
-      M=4 and "unbalanced" N=6, M=6, where uniform's predicted bottleneck/ideal >= 1.4) trained
-      with pretrain_splitllama.py at PP=2 on CPU (torchrun, 2 procs x 1 thread, gloo): one unit
-      profile taken first and reused by every run; splits uniform / cost (analytic, H100) /
-      profile (planner over the measured costs) run alternately; predicted (measured-cost 1F1B
-      model with per-stage costs) vs measured step time of every split. See
-      benchmarks/pipeline_proxy.py.
+  (c) measured — two scaled proxies of the stitched model ("balanced" N=16, M=4, upper 512
+      wide, and "unbalanced" N=4, M=4, upper 768 wide, where uniform's predicted
+      bottleneck/ideal >= 1.4) trained with pretrain_splitllama.py at PP=2 on CPU (torchrun,
+      2 procs x 1 thread, gloo): one unit profile per proxy taken first and reused by every
+      run, plus an adjacent profile right before each run; splits uniform / cost (analytic,
+      H100) / profile (planner over the measured costs) run alternately; predicted
+      (measured-cost 1F1B model with per-stage costs and host contention) vs measured step
+      time of every split. See benchmarks/pipeline_proxy.py.
 
 Usage:
     PYTHONPATH=. python benchmarks/pipeline_balance.py [--parts abc] [--out benchmarks/results/pipeline_balance.json]
-    (b) takes ~6-8 min and ~10 GB RAM, (c) ~6-8 min on a 2-core CPU (--c-rounds 2 for a longer run).
+    (b) takes ~6-8 min and ~10 GB RAM, (c) ~9 min per round on a 2-core CPU (--c-rounds 2: ~18 min).
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ PROXY_UPPER_WIDE = {**PROXY_UPPER, "hidden_size": 768, "intermediate_size": 2688
 PROXIES = {"balanced": (16, 4), "unbalanced": (4, 4)}
 PROXY_UPPERS = {"balanced": PROXY_UPPER, "unbalanced": PROXY_UPPER_WIDE}
 PART_C = {"pp": 2, "seq_length": 128, "micro_batch_size": 1, "global_batch_size": 16, "iters": 7, "warmup": 2,
-          "rounds": 1, "threads_per_proc": 1, "profile_reps": 10}
+          "rounds": 2, "threads_per_proc": 1, "profile_reps": 10}
 ARMS = ("uniform", "cost", "profile")
 ARM_OVERRIDES = {"uniform": ["parallel.pipeline_split=uniform"], "cost": ["parallel.pipeline_split=cost"],
                  "profile": ["parallel.pipeline_split=profile", "parallel.profile_file={profile}"],
@@ -273,6 +273,7 @@ def format_part_c(c: dict) -> str:
     lines.append("pred b/ideal: bottleneck/ideal over the measured unit times; H100 b/ideal: the analytic model's")
     loads = [x for r in c["runs"] for x in r["loadavg_1min_before_after"]] + [c["loadavg_start"][0]]
     if max(loads) > (os.cpu_count() or 1):
-        lines.append(f"WARNING: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the runs: "
-                     f"other processes shared the cores, so these timings (and the profile) do not measure the splits")
+        lines.append(f"WARNING: 1-min load average reached {max(loads):.1f} on {os.cpu_count()} CPUs during the runs "
+                     f"(the benchmark's own 2 ranks and the profile's load process count 2-3): if other jobs ran, "
+                     f"these timings (and the profiles) do not measure the splits")
     return "\n".join(lines)

@@ -8,7 +8,9 @@ not the time spent waiting on its neighbours). From those:
 * the **measured costs**: the run's unit costs (analytic today, profiled when a profile is
   used; whatever the caller passes) with every unit of stage k scaled by
   ``measured busy of k / predicted time of k``, so each stage's predicted time equals its
-  measured time. This is exact when the cost model's error is uniform inside a stage and a
+  measured time (with a profile's host contention the prediction is the simulated schedule's
+  compute time as experienced, slowdown during overlap included, since that is what the busy
+  time measures). This is exact when the cost model's error is uniform inside a stage and a
   first-order correction otherwise (a rerun with the suggested layout reports again);
 * the exact planner (`splitllama.pipeline.plan.plan`, 1F1B, the run's memory budget and
   micro-batch count) over the measured costs, compared with the current layout costed the
@@ -86,9 +88,12 @@ def stage_of_units(layout: PipelineLayout | str, num_units: int) -> list[int]:
 
 
 def measured_units(units: Sequence[Unit], layout: PipelineLayout | str,
-                   busy_per_microbatch_s: Sequence[float]) -> list[Unit]:
+                   busy_per_microbatch_s: Sequence[float],
+                   predicted_per_microbatch_s: Optional[Sequence[float]] = None) -> list[Unit]:
     """The units with each stage's times scaled so that the stage's predicted fwd+bwd time per
-    micro-batch equals its measured busy time (memory and FLOPs unchanged)."""
+    micro-batch equals its measured busy time (memory and FLOPs unchanged). The prediction is
+    the units' solo time unless ``predicted_per_microbatch_s`` gives it (with host contention:
+    the compute time as experienced in the simulated schedule, which the busy time measures)."""
     owner = stage_of_units(layout, len(units))
     pp = _layout(layout).pp
     if len(busy_per_microbatch_s) != pp:
@@ -96,6 +101,8 @@ def measured_units(units: Sequence[Unit], layout: PipelineLayout | str,
     predicted = [0.0] * pp
     for u, k in zip(units, owner):
         predicted[k] += u.time
+    if predicted_per_microbatch_s is not None:
+        predicted = [float(x) for x in predicted_per_microbatch_s]
     for k, (p, b) in enumerate(zip(predicted, busy_per_microbatch_s)):
         if p <= 0 or b < 0:
             raise ValueError(f"stage {k}: cannot scale a predicted time of {p} s to a measured {b} s")
@@ -122,7 +129,11 @@ def analyze(units: Sequence[Unit], layout: PipelineLayout | str, stage_busy_s: S
     ratio = max(busy) * pp / total if total > 0 else None
     suggestion = speedup = None
     if ratio is not None and min(busy) > 0 and pp > 1:
-        scaled = measured_units(units, layout, [b / num_microbatches for b in busy])
+        experienced = None
+        if stage_overhead is not None and stage_overhead.host_contention != 1.0:
+            sim = evaluate(layout, units, pp, None, num_microbatches, stage_overhead=stage_overhead).simulate()
+            experienced = [b / num_microbatches for b in sim[2]]
+        scaled = measured_units(units, layout, [b / num_microbatches for b in busy], experienced)
         current = evaluate(layout, scaled, pp, memory_budget, num_microbatches,
                            stage_overhead=stage_overhead)
         try:
