@@ -269,6 +269,30 @@ def _p2p_costs(boundary_bytes: int, on_cuda: bool, reps: int = 20) -> tuple[floa
     return lat, per, "measured: 2-process gloo spawn ping-pong on this host"
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+               "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _standalone_env(**extra: str) -> dict:
+    """This process's environment without torchrun's launch variables, for a separate, one-process
+    helper (a profile or a contention load) started from inside a launch. ``TORCHELASTIC_*`` go
+    too: with TORCHELASTIC_USE_AGENT_STORE=True (torch 2.13's torchrun sets it) the helper's
+    one-process ``init_process_group`` would wait forever for the launch agent's store."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
+    env.update(extra)
+    return env
+
+
+def _job_yaml(job, directory: str) -> str:
+    """Write the job as a config file for such a helper; returns its path."""
+    import yaml
+
+    path = os.path.join(directory, "job.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+    return path
+
+
 CONTENTION_ROUNDS = 4  # alternating alone / loaded timings; the median of the rounds' ratios
 
 
@@ -302,21 +326,15 @@ def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, in
         return 1.0, max(pp, 2), "not measured under torchrun (the ranks already ran concurrently)"
     if pp < 2:
         return 1.0, 2, "not measured (pipeline_model_parallel_size=1: one process computes)"
-    import yaml
-
     seq, b = job.data.seq_length, job.train.micro_batch_size
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = _standalone_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
     def chain_s(timed: dict) -> float:
         return sum(t.fwd_s + t.bwd_s for t in timed.values())
 
     ratios, per_round = [], max(3, reps // 2)
     with tempfile.TemporaryDirectory(prefix="splitllama_contention_") as ctl:
-        cfg = os.path.join(ctl, "job.yaml")
-        with open(cfg, "w") as f:
-            yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+        cfg = _job_yaml(job, ctl)
         procs = [subprocess.Popen([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
                                    "--unit-load", ctl], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(pp - 1)]
@@ -397,14 +415,9 @@ def take_profile_for_job(job, path: str, timeout_s: float = 1800.0) -> None:
                 raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to write the profile {path}")
             time.sleep(1.0)
         return
-    import yaml
-
     with tempfile.TemporaryDirectory(prefix="splitllama_profile_") as tmp:
-        cfg = os.path.join(tmp, "job.yaml")
-        with open(cfg, "w") as f:
-            yaml.safe_dump(job.to_dict(), f, sort_keys=False)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        cfg = _job_yaml(job, tmp)
+        env = _standalone_env()
         print(f"profiling the job's units into {path} (parallel.profile_if_missing=true) ...", flush=True)
         p = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
                             "--profile-out", path], env=env, capture_output=True, text=True)

@@ -54,3 +54,22 @@ def test_app_refuses_profile_of_other_seq_length(tmp_path):
     assert p.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", p.stderr), p.stderr[-3000:]
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "key 'seq_length' is 32 in the profile but 64 here" in errors[0], p.stderr[-3000:]
+
+
+def test_profile_if_missing_under_torchrun(tmp_path):
+    """``parallel.profile_if_missing=true`` in a torchrun launch: rank 0 profiles in a fresh
+    one-process helper (which measures host contention with a helper of its own), the other
+    rank waits for the file, and both train with the profile plan. The helpers must not
+    inherit torchrun's agent-store variables: with TORCHELASTIC_USE_AGENT_STORE=True a
+    one-process init_process_group waits forever for a store nobody serves (seen: the launch
+    hung)."""
+    import json
+
+    path = str(tmp_path / "taken.json")
+    p = apprun.run(2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_split=profile",
+                       f"parallel.profile_file={path}", "parallel.profile_if_missing=true",
+                       "train.train_iters=2"], timeout=300)
+    assert "profiling the job's units into" in p.stdout and "pipeline layout:" in p.stdout, p.stdout[-3000:]
+    with open(path) as f:
+        costs = json.load(f)["costs"]
+    assert costs["contention_procs"] == 2 and "measured" in costs["contention_source"], costs
