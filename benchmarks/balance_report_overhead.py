@@ -67,7 +67,7 @@ def run(on: bool, iters: int, tmp: str, tag: str) -> tuple[list[float], list[flo
 def direct(step_s: float, num_microbatches: int) -> dict:
     from splitllama.config.job import load_job_config
     from splitllama.pipeline.balance import analyze
-    from splitllama.config.resolve import units_for_job
+    from splitllama.preflight.resolve import units_for_job
     from splitllama.training.stage_timers import StageTimers
 
     t, n = StageTimers(cuda=False), 20000

@@ -124,7 +124,7 @@ def bare_worker(overrides: list[str], iters: int, out: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from splitllama.config.job import load_job_config
-    from splitllama.config.resolve import resolve
+    from splitllama.preflight.resolve import resolve
     from splitllama.data.datasets import build_datasets
     from splitllama.data.iterator import build_data_iterator
     from splitllama.data.tokenizers import build_tokenizer
@@ -230,7 +230,7 @@ def profile_worker(overrides: list[str], iters: int, warmup: int, out: str) -> N
     from splitllama.platform.dist import shutdown
     from splitllama.training import loop
     from splitllama.training.app import setup_data
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 

@@ -25,7 +25,7 @@ import numpy
 import torch
 from torch.utils.data import Dataset
 
-from splitllama.data.config import DataConfig, parse_blend
+from splitllama.config.data import DataConfig, parse_blend
 from splitllama.data.helpers import ensure_helpers
 from splitllama.data.tokenizers import Tokenizer
 

@@ -43,7 +43,7 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Nume
 def build_stage(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
                 layout: PipelineLayout, stage: Optional[int] = None) -> BuiltModel:
     """The stage of the model this rank owns, from settings already validated (a `RunPlan`'s
-    job sections and layout; see `splitllama.config.resolve`)."""
+    job sections and layout; see `splitllama.preflight.resolve`)."""
     pp = parallel.pipeline_model_parallel_size
     if stage is None:
         stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0

@@ -19,7 +19,7 @@ _harness: "cpu.Harness | None" = None
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10) -> bool:
     """Initialise torch.distributed (env:// from torchrun/SLURM, or a 1-process group) and
     Megatron's model-parallel groups. Returns True when running on CPU. `parallel` is taken as
-    validated (the training run's `splitllama.config.resolve.resolve` did it for this world
+    validated (the training run's `splitllama.preflight.resolve.resolve` did it for this world
     size; Megatron-Core refuses sizes that do not divide it)."""
     global _harness
     on_cpu = cpu.wanted()

@@ -14,13 +14,14 @@ from splitllama.checkpoint import dirs
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
-from splitllama.config.resolve import RunPlan
+from splitllama.preflight.resolve import RunPlan
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpointing, preflight, report, resume
+from splitllama.preflight import launch as preflight
+from splitllama.training import checkpointing, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 from splitllama.training.signals import PreemptionFlag

@@ -16,7 +16,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from splitllama.config.job import JobConfig
-from splitllama.config.resolve import RunPlan
+from splitllama.preflight.resolve import RunPlan
 from splitllama.model.build import attention_summary, build_stage
 from splitllama.model.megatron_config import Numerics
 from splitllama.model.model import SplitLlamaModel
@@ -32,7 +32,7 @@ log = logging.getLogger("splitllama")
 
 @dataclass
 class Runtime:
-    plan: RunPlan  # what the run was resolved to (splitllama.config.resolve)
+    plan: RunPlan  # what the run was resolved to (splitllama.preflight.resolve)
     ddp: DistributedDataParallel
     inner: SplitLlamaModel
     optimizer: object

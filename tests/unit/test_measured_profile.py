@@ -20,7 +20,7 @@ from splitllama.pipeline.cost import Hardware, units_for
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.pipeline.measured import (Profile, StepCosts, UnitTiming, calibrate, fit_hardware, job_key,
                                           load_profile, stage_overhead, units_from_profile, write_profile)
-from splitllama.config.resolve import split_costs, stage_plan, units_for_job
+from splitllama.preflight.resolve import split_costs, stage_plan, units_for_job
 from splitllama.pipeline.plan import StageOverhead, evaluate, one_f_one_b_makespan, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _job(*overrides):
 
 
 def _profile(job, times=TIMES, **key) -> Profile:
-    from splitllama.pipeline.profile import environment_key
+    from splitllama.planning.profile import environment_key
 
     k = {**job_key(job), **environment_key(job), **key}
     return Profile(k, {kind: UnitTiming(f, b) for kind, (f, b) in times.items()}, COSTS, {"synthetic": True})
@@ -45,7 +45,7 @@ def _profile(job, times=TIMES, **key) -> Profile:
 @pytest.fixture
 def no_profiling(monkeypatch):
     """Fail the test if anything tries to take a profile."""
-    from splitllama.pipeline import profile as prof_mod
+    from splitllama.planning import profile as prof_mod
 
     def boom(*a, **k):
         raise AssertionError("re-profiled although a profile exists")
@@ -246,7 +246,7 @@ def test_profile_measures_contention_of_an_oversubscribed_host(tmp_path):
     pp = cores + 2
     out = str(tmp_path / "oversubscribed.json")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", TINY,
+    r = subprocess.run([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", TINY,
                         "--profile-out", out, "--reps", "6", f"parallel.pipeline_model_parallel_size={pp}"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The resolve step (splitllama/config/resolve.py): pure (no process group, the job unchanged),
+"""The resolve step (splitllama/preflight/resolve.py): pure (no process group, the job unchanged),
 the derived values (dp, micro-batch count, layout, precision, recompute, effective vocab) and
 the same error messages as the checks it gathers."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitllama.config.job import JobConfig, load_job_config
-from splitllama.config.resolve import RunPlan, num_microbatches, resolve
+from splitllama.preflight.resolve import RunPlan, num_microbatches, resolve
 from splitllama.pipeline.cost import units_for
 from splitllama.pipeline.plan import plan
 
@@ -104,7 +104,7 @@ def test_errors_name_the_problem(overrides, world, message):
 
 
 def test_runplan_fields_are_documented():
-    import splitllama.config.resolve as mod
+    import splitllama.preflight.resolve as mod
 
     for f in dataclasses.fields(RunPlan):
         assert f"``{f.name}``" in mod.__doc__, f"RunPlan.{f.name} is not listed in the module docstring"

@@ -300,7 +300,7 @@ def unit_load(job, control_dir: str) -> None:
     """Background stage process for `_contention`: build the profile's one-stage model and run
     its units' forward + backward in a loop while ``control_dir/go`` exists; exit once
     ``control_dir/stop`` exists (``control_dir/ready.<pid>`` says the model is built)."""
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
 
     rt = build_runtime(run_plan(_profile_job(job)))
@@ -335,7 +335,7 @@ def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, in
     ratios, per_round = [], max(3, reps // 2)
     with tempfile.TemporaryDirectory(prefix="splitllama_contention_") as ctl:
         cfg = _job_yaml(job, ctl)
-        procs = [subprocess.Popen([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
+        procs = [subprocess.Popen([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", cfg,
                                    "--unit-load", ctl], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(pp - 1)]
         try:
@@ -374,7 +374,7 @@ def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, in
 def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True, contention: bool = True) -> Profile:
     """Profile the job's units on this device (initialises torch.distributed at the job's TP when
     it is not running yet: under torchrun every rank must call this)."""
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
 
     t_start = time.perf_counter()
@@ -419,7 +419,7 @@ def take_profile_for_job(job, path: str, timeout_s: float = 1800.0) -> None:
         cfg = _job_yaml(job, tmp)
         env = _standalone_env()
         print(f"profiling the job's units into {path} (parallel.profile_if_missing=true) ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
+        p = subprocess.run([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", cfg,
                             "--profile-out", path], env=env, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"profiling failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
