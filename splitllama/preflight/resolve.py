@@ -170,10 +170,11 @@ def split_costs(job: JobConfig, dp: int, hardware: Optional[Hardware] = None,
     ``parallel.profile_file``; otherwise the analytic cost model, with `calibrate`d hardware when
     a profile file is set and no ``hardware`` is given (H100 defaults without one)."""
     from splitllama.pipeline import measured
+    from splitllama.preflight import profile_source
 
     par = job.parallel
     if profile is None and par.profile_file and (par.pipeline_split == "profile" or hardware is None):
-        profile = measured.job_profile(job)
+        profile = profile_source.job_profile(job)
     if par.pipeline_split == "profile":
         return (measured.units_from_profile(profile, job.model, dp, par.use_distributed_optimizer),
                 measured.stage_overhead(profile, dp, par.use_distributed_optimizer))
