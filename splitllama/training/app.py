@@ -145,10 +145,3 @@ def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         return run(job, preemption)
     finally:
         shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """The training command line, in-process: the same as splitllama.training.entry.main."""
-    from splitllama.training import entry
-
-    return entry.main(argv)
