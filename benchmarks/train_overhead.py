@@ -44,6 +44,7 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # allow running without PYTHONPATH
     sys.path.insert(0, REPO)
+from benchmarks.results_file import write_result  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 # Bigger than the tiny test default (seq 64, mbs 4) so one step takes a few hundred ms and
@@ -397,10 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["profile"] = run_profile(overrides, args.iters, args.warmup, args.threads, tmp)
     res["loadavg_end"] = os.getloadavg()
     print(format_table(res))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(res, args.out)
     return 0
 
 
