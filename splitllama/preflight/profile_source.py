@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from splitllama.errors import UsageError
+from splitllama.launch_env import rank as launch_rank
 from splitllama.pipeline.measured import Profile, job_key, load_profile
 
 
@@ -89,7 +90,7 @@ def take_profile_for_job(job, path: str, timeout_s: float = 1800.0) -> None:
                          f"{job.parallel.tensor_model_parallel_size} before the job starts; profile first: "
                          f"torchrun --nproc-per-node={job.parallel.tensor_model_parallel_size} "
                          f"tools/plan_pipeline.py --config JOB.yaml --profile --profile-out {path}")
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if launch_rank() != 0:
         t0 = time.time()
         while not os.path.isfile(path):
             if time.time() - t0 > timeout_s:

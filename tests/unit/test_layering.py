@@ -170,7 +170,7 @@ def floors():
 
 def test_doc_names_the_floors(floors):
     assert len(set(floors.values())) >= 5, floors
-    assert floors["errors"] == 1 and floors["config"] < floors["pipeline"] < floors["preflight"] \
+    assert floors["launch_env"] == 1 and floors["errors"] == 2 and floors["config"] < floors["pipeline"] < floors["preflight"] \
         < floors["training"] < floors["planning"], floors
 
 
