@@ -17,6 +17,7 @@ import torch
 from splitllama.errors import UsageError
 from splitllama.launch_env import rank as launch_rank
 from splitllama.pipeline.measured import Profile, job_key, load_profile
+from splitllama.preflight.compute import compute_choices
 
 
 def _versions() -> dict:
@@ -33,18 +34,12 @@ def _versions() -> dict:
 
 def environment_key(job) -> dict:
     """The environment part of a profile key, for the device this process runs on."""
-    from splitllama.model.attention import resolve_backend
-    from splitllama.model.spec import resolve_impl
-    from splitllama.platform import cpu
-
-    on_cpu = cpu.wanted()
-    bf16 = job.train.bf16 if job.train.bf16 is not None else not on_cpu
-    impl = resolve_impl(job.model.transformer_impl)
-    return {"device": "cpu" if on_cpu else "cuda",
-            "device_name": _cpu_name() if on_cpu else torch.cuda.get_device_name(),
-            "dtype": "bf16" if bf16 else "fp32", "transformer_impl": impl,
-            "attention_backend": resolve_backend(job.model.attention_backend, impl),
-            "threads": torch.get_num_threads() if on_cpu else None, **_versions()}
+    c = compute_choices(job)
+    return {"device": "cpu" if c.on_cpu else "cuda",
+            "device_name": _cpu_name() if c.on_cpu else torch.cuda.get_device_name(),
+            "dtype": "bf16" if c.bf16 else "fp32", "transformer_impl": c.transformer_impl,
+            "attention_backend": c.attention_backend,
+            "threads": torch.get_num_threads() if c.on_cpu else None, **_versions()}
 
 
 def _cpu_name() -> str:

@@ -78,7 +78,7 @@ def build_runtime(plan: RunPlan) -> Runtime:
     world size) and build the model stage, DDP, optimizer and LR schedule."""
     job = plan.job
     par, tr = job.parallel, job.train
-    on_cpu = init_distributed(par, seed=tr.seed)
+    on_cpu = init_distributed(par, seed=tr.seed, on_cpu=plan.on_cpu)
     if dist.get_world_size() != plan.world_size or on_cpu != plan.on_cpu:
         raise RuntimeError(f"the run was resolved for {plan.world_size} process(es) on "
                            f"{'cpu' if plan.on_cpu else 'cuda'}, but torch.distributed started "
@@ -89,7 +89,8 @@ def build_runtime(plan: RunPlan) -> Runtime:
                         recompute_granularity=plan.recompute.granularity,
                         recompute_method=plan.recompute.method,
                         recompute_num_layers=plan.recompute.num_layers)
-    built = build_stage(job.model, par, numerics, layout)
+    built = build_stage(job.model, par, numerics, layout, impl=plan.transformer_impl,
+                        backend=plan.attention_backend)
     inner = built.model
     if dist.get_rank() == 0:
         print(attention_summary(built, plan.tp), flush=True)
