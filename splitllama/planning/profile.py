@@ -92,8 +92,7 @@ def _unit_fns(rt, seq: int, b: int):
         return inner.embedding(input_ids=tokens, position_ids=pos), True
 
     def block(name: str, h: int):
-        return lambda: (inner._block(getattr(inner, name), getattr(inner, f"{name}_rotary"), act(h),
-                                     None, None, None), True)
+        return lambda: (inner.run_block(name, act(h)), True)
 
     def adapter():
         return inner.adapter(act(m.lower.hidden_size)), True
