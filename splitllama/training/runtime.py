@@ -1,5 +1,7 @@
-"""Build everything a run needs, from a resolved `RunPlan`: process groups, the model stage,
-DDP, optimizer, LR schedule, data iterators — megatron-core only, no megatron/training."""
+"""Build the run's machinery from a resolved `RunPlan`: process groups (on the plan's device),
+this rank's model stage (the plan's layout, precision, layer implementation and attention
+backend), DDP, optimizer, LR schedule; the data iterators are `training.app.setup_data`'s.
+Megatron-Core only, no megatron/training."""
 from __future__ import annotations
 
 import logging
