@@ -47,6 +47,7 @@ import torch.distributed as dist
 from splitllama.pipeline.measured import Profile, StepCosts, UnitTiming, job_key, write_profile
 from splitllama.platform.device import device as local_device
 from splitllama.preflight.profile_source import environment_key, job_yaml, standalone_env
+from splitllama.training.runtime import Runtime
 
 GPU_P2P_ESTIMATE = (10e-6, 1.0 / 100e9)  # latency s, s/byte: stated estimate without a second rank
 PING_BYTES = 4096
@@ -71,7 +72,7 @@ def _median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def _unit_fns(rt, seq: int, b: int):
+def _unit_fns(rt: Runtime, seq: int, b: int):
     """kind -> fn() returning (output, grad-or-None) for one micro-batch, in chain order."""
     from megatron.core import parallel_state as ps
 
@@ -108,7 +109,7 @@ def _unit_fns(rt, seq: int, b: int):
             "upper": block("upper", m.upper.hidden_size), "head": head}
 
 
-def _time_units(rt, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> dict:
+def _time_units(rt: Runtime, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> dict:
     now = _timer(on_cuda)
     fns = _unit_fns(rt, seq, b)
     fwd = {k: [] for k in fns}
@@ -134,7 +135,7 @@ def _time_units(rt, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> 
                           tuple(fwd[k]), tuple(bwd[k])) for k in fns}
 
 
-def _time_step_costs(rt, reps: int, on_cuda: bool) -> tuple[float, float, int]:
+def _time_step_costs(rt: Runtime, reps: int, on_cuda: bool) -> tuple[float, float, int]:
     """(optimizer s/param, grad finalisation s/param, local params) — medians over ``reps``."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -254,7 +255,7 @@ def unit_load(job, control_dir: str) -> None:
             del y
 
 
-def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, int, str]:
+def _contention(rt: Runtime, job, reps: int, timeout_s: float = 300.0) -> tuple[float, int, str]:
     """(host_contention, contention_procs, source): see the module docstring."""
     pp = job.parallel.pipeline_model_parallel_size
     if local_device().type == "cuda":
