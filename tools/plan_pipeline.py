@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without P
 from splitllama.config.cli import config_parser  # noqa: E402
 from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
 from splitllama.errors import cli_main  # noqa: E402
-from splitllama.config.resolve import check_model, check_parallel, split_inputs  # noqa: E402
+from splitllama.preflight.resolve import check_model, check_parallel, split_inputs  # noqa: E402
 from splitllama.pipeline.cost import Hardware  # noqa: E402
 from splitllama.pipeline.plan import evaluate, params_balanced, plan, uniform  # noqa: E402
 from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to_dict, summary_line  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--profile", action="store_true", help="time the units on this device at the job's shapes "
-                   "(under torchrun: at its TP), write the profile and plan from it (splitllama.pipeline.profile_cli)")
+                   "(under torchrun: at its TP), write the profile and plan from it (splitllama.planning.profile_cli)")
     p.add_argument("--profile-out", default=None, help="where --profile writes (default: parallel.profile_file)")
     p.add_argument("--gpus", type=int, default=None, help="search TP, PP, DP, micro-batch and "
                    "recompute for G GPUs instead (see --gpus G --help)")
@@ -83,8 +83,8 @@ def _main(argv: list[str] | None = None) -> int:
     check_parallel(job, par.tensor_model_parallel_size * par.pipeline_model_parallel_size * dp)
     tr.check_values()
     check_model(job)
-    if args.profile or par.profile_file:  # measured costs: splitllama/pipeline/profile_cli.py
-        from splitllama.pipeline.profile_cli import run as run_profile
+    if args.profile or par.profile_file:  # measured costs: splitllama/planning/profile_cli.py
+        from splitllama.planning.profile_cli import run as run_profile
         return run_profile(job, dp, args.profile, args.profile_out, args.json)
     hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
     s = split_inputs(job, dp, hw)
@@ -134,7 +134,7 @@ def _main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # whole-layout search
-        from splitllama.pipeline.search_cli import main as search_main
+        from splitllama.planning.search_cli import main as search_main
         return search_main(argv)
     return cli_main(_main, argv)
 

@@ -15,7 +15,7 @@ import yaml
 from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
 from splitllama.config.train import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainConfig
-from splitllama.data.config import DataConfig
+from splitllama.config.data import DataConfig
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Optional
 
 import torch.distributed as dist
@@ -14,13 +13,15 @@ from splitllama.checkpoint import dirs
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
-from splitllama.config.resolve import RunPlan
+from splitllama.preflight.resolve import RunPlan
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
+from splitllama.launch_env import rank as launch_rank
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpointing, preflight, report, resume
+from splitllama.preflight import launch as preflight
+from splitllama.training import checkpointing, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 from splitllama.training.signals import PreemptionFlag
@@ -87,7 +88,7 @@ def setup_data(rt: Runtime, tok=None):
 
 
 def _say(text: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         print(text, flush=True)
 
 
@@ -98,7 +99,7 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
     the checkpoint's model make a new job, which the resolve step turns into the `RunPlan`."""
     c = job.checkpoint
     lock = None
-    if c.save and not job.train.eval_only and int(os.environ.get("RANK", "0")) == 0:
+    if c.save and not job.train.eval_only and launch_rank() == 0:
         lock = DirLock(c.save).acquire()
         if lock.note:
             _say(f"note: {c.save}: {lock.note}")
@@ -144,10 +145,3 @@ def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         return run(job, preemption)
     finally:
         shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """The training command line, in-process: the same as splitllama.training.entry.main."""
-    from splitllama.training import entry
-
-    return entry.main(argv)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from splitllama.config.job import load_job_config
-from splitllama.config.resolve import units_for_job
+from splitllama.preflight.resolve import units_for_job
 from splitllama.pipeline.balance import measured_units
 from splitllama.pipeline.plan import plan
 from tests import apprun

@@ -16,7 +16,7 @@ from splitllama.config.job import load_job_config
 from splitllama.config.model import ModelConfig
 from splitllama.pipeline.cost import Unit, units_for
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.config.resolve import check_parallel, stage_plan
+from splitllama.preflight.resolve import check_parallel, stage_plan
 from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
