@@ -10,7 +10,8 @@ LM / value head + loss): written alone they make a stage of their own (``E|L16|.
 
 With interleaved (virtual) pipeline stages the layout lists ``pp * vpp`` chunks in chain order;
 chunk ``c`` runs on pipeline rank ``c % pp`` as its virtual stage ``c // pp`` (Megatron-Core's
-``pipeline_model_parallel_layout`` convention).
+``pipeline_model_parallel_layout`` convention). There a middle chunk may be empty, written
+``-``: it passes the activation on (e.g. so that the rank holding the head chunk has nothing else).
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ class PipelineLayout:
             lower = upper = 0
             adapter = emb = head = False
             seen: list[str] = []
+            if part == "-":  # an empty chunk (interleaved layouts only, see validate)
+                stages.append(Stage())
+                continue
             for tok in filter(None, part.split(",")):
                 m = re.fullmatch(r"([ELAUH])(\d*)", tok, flags=re.IGNORECASE)
                 bare = m is not None and m.group(1).upper() in "EAH"
@@ -112,11 +116,15 @@ class PipelineLayout:
         return cls(tuple(stages))
 
     @classmethod
-    def from_chain_counts(cls, units_per_stage: list[int], num_lower: int, num_upper: int) -> "PipelineLayout":
+    def from_chain_counts(cls, units_per_stage: list[int], num_lower: int, num_upper: int,
+                          allow_empty: bool = False) -> "PipelineLayout":
         """Split the whole chain [E, L*N, A, U*M, H] into stages of the given numbers of units
-        (embedding and head counted): a first stage of 1 is embedding-only, a last of 1 head-only."""
+        (embedding and head counted): a first stage of 1 is embedding-only, a last of 1 head-only;
+        with ``allow_empty`` a middle stage of 0 is an empty chunk ("-")."""
         chain = ["E"] + ["L"] * num_lower + ["A"] + ["U"] * num_upper + ["H"]
-        if sum(units_per_stage) != len(chain) or min(units_per_stage, default=0) < 1:
+        low = 0 if allow_empty else 1
+        if sum(units_per_stage) != len(chain) or min(units_per_stage, default=0) < low or \
+                units_per_stage[0] < 1 or units_per_stage[-1] < 1:
             raise ValueError(f"stage sizes {units_per_stage} must be >= 1 and sum to {len(chain)} "
                              f"units (embedding + N + 1 + M + head), got {sum(units_per_stage)}")
         stages, pos = [], 0
@@ -175,7 +183,9 @@ class PipelineLayout:
             raise ValueError(f"pipeline layout '{text}' has {self.pp} stages, {want}")
         for i, s in enumerate(self.stages):
             if not (s.core_units or s.embedding or s.head):
-                raise ValueError(f"pipeline layout '{text}': stage {i} is empty")
+                if vpp == 1 or i in (0, self.pp - 1):
+                    raise ValueError(f"pipeline layout '{text}': stage {i} is empty (an empty chunk "
+                                     f"'-' is allowed only between others of an interleaved layout)")
             if (s.embedding and i != 0) or (s.head and i != self.pp - 1) or (s.embedding and self.pp == 1):
                 raise ValueError(f"pipeline layout '{text}': stage {i} '{s}' leaves a stage without layers")
         if sum(s.lower_layers for s in self.stages) != num_lower:

@@ -248,22 +248,27 @@ def _stats(plan_units: Sequence[Unit], counts: Sequence[int], m: Optional[int],
     for c, mem in enumerate(mems):
         rank_mem[c % pp] += sum(mem.values())
     out = []
+    bounds = _bounds(counts)
     for k, (group, fl, mem) in enumerate(zip(groups, flights, mems)):
         t = sum(u.time for u in group)
         last = k == n_chunks - 1
         over = 0.0
         if overhead is not None:
             over = overhead.stage_seconds(group) - (overhead.fixed_s if k >= pp else 0.0)
+        # an empty chunk passes on what it receives: the message of the unit before it
+        sent = plan_units[bounds[k][1] - 1].p2p_bytes
         out.append(StageStats(k, _text(group), sum(u.param_count for u in group),
                               sum(u.fwd_flops + u.bwd_flops for u in group) / 1e9, t,
                               t / total if total else 0.0, mem, fl,
                               budget is None or rank_mem[k % pp] <= budget,
                               sum(u.fwd_time for u in group), sum(u.bwd_time for u in group),
-                              over, 0.0 if overhead is None or last else overhead.p2p_seconds(group[-1].p2p_bytes)))
+                              over, 0.0 if overhead is None or last else overhead.p2p_seconds(sent)))
     return tuple(out)
 
 
 def _text(group: Sequence[Unit]) -> str:
+    if not group:
+        return "-"
     parts = ["E"] if group[0].kind == "embedding" else []
     for kind, tag in (("lower", "L"), ("upper", "U")):
         n = sum(u.kind == kind for u in group)
@@ -350,7 +355,7 @@ def _mem_cost(units: Sequence[Unit], pp: int, m: Optional[int]) -> Callable:
 def _result(method: str, units: Sequence[Unit], sizes: Sequence[int], m: Optional[int],
             budget: Optional[float], overhead: Optional[StageOverhead] = None, vpp: int = 1) -> StagePlan:
     _, n, mm = _split_chain(units)
-    return StagePlan(method, PipelineLayout.from_chain_counts(list(sizes), n, mm),
+    return StagePlan(method, PipelineLayout.from_chain_counts(list(sizes), n, mm, allow_empty=vpp > 1),
                      _stats(units, sizes, m, budget, overhead, vpp), m, budget, overhead, vpp)
 
 
@@ -408,71 +413,99 @@ def _step_optimal(units: Sequence[Unit], pp: int, m: int, overhead: StageOverhea
 
 
 # ---- interleaved (virtual) stages --------------------------------------------------------------
-def _vpp_key(units: Sequence[Unit], pp: int, vpp: int, m: Optional[int], budget: Optional[float],
-             overhead: Optional[StageOverhead]) -> Callable[[Sequence[int]], tuple]:
-    """Score of a whole-chain split into pp * vpp chunks, smaller is better: (does not fit,
-    bottleneck rank time or, with an overhead and m, the predicted step, sum of squared rank
-    times)."""
+def _vpp_scorer(units: Sequence[Unit], pp: int, vpp: int, m: Optional[int], budget: Optional[float],
+                overhead: Optional[StageOverhead]):
+    """(time key, fits) of a whole-chain split into pp * vpp chunks: the time key is (bottleneck
+    rank time or, with an overhead and m, the predicted step; sum of squared rank times)."""
     prefix = [0.0]
     for u in units:
         prefix.append(prefix[-1] + u.time)
 
-    def key(sizes: Sequence[int]) -> tuple:
+    def time_key(sizes: Sequence[int]) -> tuple:
         ranks = [0.0] * pp
         for c, (i, j) in enumerate(_bounds(sizes)):
             ranks[c % pp] += prefix[j] - prefix[i]
-        fits = True
-        if budget is not None:
-            fits = max(_result("", units, sizes, m, None, None, vpp).rank_memory) <= budget
         primary = max(ranks)
         if overhead is not None and m is not None:
             primary = _result("", units, sizes, m, None, overhead, vpp).step_time_s
-        return (not fits, float(f"{primary:.12e}"), sum(r * r for r in ranks))
-    return key
+        return (float(f"{primary:.12e}"), sum(r * r for r in ranks))
+
+    def fits(sizes: Sequence[int]) -> bool:
+        return budget is None or max(_result("", units, sizes, m, None, None, vpp).rank_memory) <= budget
+    return time_key, fits
+
+
+VPP_MOVES = (-3, -2, -1, 1, 2, 3)
 
 
 def _vpp_search(units: Sequence[Unit], pp: int, vpp: int, m: Optional[int], budget: Optional[float],
                 overhead: Optional[StageOverhead], end_stages: bool, limit: int) -> list[int]:
-    """Chunk sizes of the best split into pp * vpp chunks (chunk c on rank c % pp) by `_vpp_key`:
-    every split when there are at most ``limit``; otherwise a local search (moving one cut, or
-    two neighbouring cuts together, by up to 3 units while the score improves) from the min-max
-    contiguous split into pp * vpp stages and from the rank-balanced greedy split. Exact in the
-    first case only (tests compare the second with brute force)."""
+    """Chunk sizes of the best split into pp * vpp chunks (chunk c on rank c % pp; a middle chunk
+    may be empty): fitting the budget, then the smallest time key (`_vpp_scorer`). Every split
+    when there are at most ``limit``; otherwise a local search: from each start (the min-max
+    contiguous split into pp * vpp stages, and the split with the head chunk's rank holding
+    nothing else) move one cut, or a run of neighbouring cuts together, by up to 3 units while
+    the score improves. Exact in the first case only (tests compare the second with brute force)."""
     n, c = len(units), pp * vpp
-    ends = _ends_ok(n, c, end_stages)
-    valid = _sizes_ok(ends)
-    key = _vpp_key(units, pp, vpp, m, budget, overhead)
-    if math.comb(n - 1, c - 1) <= limit:
-        best = min(_compositions(n, c, valid), key=key, default=None)
-        if best is None:
+    time_key, fits = _vpp_scorer(units, pp, vpp, m, budget, overhead)
+
+    def valid(sizes) -> bool:
+        if sizes[0] < 1 or sizes[-1] < 1 or min(sizes) < 0:
+            return False
+        return end_stages or not (sizes[0] == 1 or sizes[-1] == 1)
+
+    def sizes_of(cuts) -> list[int]:
+        return [b - a for a, b in zip([0] + list(cuts), list(cuts) + [n])]
+
+    if math.comb(n - 1 + c - 2, c - 1) <= limit:
+        cands = (sizes_of(cuts) for cuts in itertools.combinations_with_replacement(range(1, n), c - 1))
+        scored = [((not fits(sz), time_key(sz)), sz) for sz in cands if valid(sz)]
+        if not scored:
             raise ValueError(f"cannot split {n} units into {c} chunks")
-        return list(best)
+        return min(scored)[1]
     weight = _weight_cost(units, lambda u: u.time)
     starts = [s for s in (_solve(units, c, weight, end_stages=end_stages),) if s is not None]
+    # the head chunk alone on its rank: that rank's other chunks empty, the other cuts even
+    cuts = [round(i * (n - 1) / (c - vpp)) for i in range(1, c - vpp + 1)]
+    alone = []
+    k = 0
+    for ch in range(c - 1):
+        if ch % pp == pp - 1:  # the last rank's chunks before the head: empty
+            alone.append(alone[-1] if alone else 1)
+        else:
+            alone.append(cuts[min(k, len(cuts) - 1)])
+            k += 1
+    alone = sorted(min(max(x, 1), n - 1) for x in alone)
+    starts.append(sizes_of(alone))
     best, best_k = None, None
     for sizes in starts:
+        if not valid(sizes):
+            continue
         cuts = list(itertools.accumulate(sizes))[:-1]
-        cur_k = key(sizes)
+        cur = ((not fits(sizes)), time_key(sizes))
         improved = True
         while improved:
             improved = False
-            moves = [(a, d) for a in range(len(cuts)) for d in (-3, -2, -1, 1, 2, 3)]
-            moves += [((a, a + 1), d) for a in range(len(cuts) - 1) for d in (-2, -1, 1, 2)]
+            moves = [((a,), d) for a in range(len(cuts)) for d in VPP_MOVES]
+            moves += [(tuple(range(a, a + w)), d) for w in (2, 3, pp) for a in range(len(cuts) - w + 1)
+                      for d in (-1, 1)]
             for who, d in moves:
                 new = list(cuts)
-                for a in (who if isinstance(who, tuple) else (who,)):
+                for a in who:
                     new[a] += d
-                if any(b <= a for a, b in zip([0] + new, new + [n])):
+                if any(b < a for a, b in zip(new, new[1:])) or new[0] < 1 or new[-1] > n - 1:
                     continue
-                sz = [b - a for a, b in zip([0] + new, new + [n])]
+                sz = sizes_of(new)
                 if not valid(sz):
                     continue
-                k = key(sz)
-                if k < cur_k:
-                    cuts, cur_k, improved = new, k, True
-        sizes = [b - a for a, b in zip([0] + cuts, cuts + [n])]
-        if best_k is None or cur_k < best_k:
-            best, best_k = sizes, cur_k
+                tk = time_key(sz)
+                if cur[0] is False and tk >= cur[1]:
+                    continue  # not faster: skip the memory check
+                k2 = (not fits(sz), tk)
+                if k2 < cur:
+                    cuts, cur, improved = new, k2, True
+        if best_k is None or cur < best_k:
+            best, best_k = sizes_of(cuts), cur
     return best
 
 

@@ -135,8 +135,13 @@ def _brute_vpp(units, pp, vpp, m, budget):
     n_lo = sum(u.kind == "lower" for u in units)
     n_up = sum(u.kind == "upper" for u in units)
     best = None
-    for sizes in compositions(len(units), pp * vpp):
-        p = evaluate(PipelineLayout.from_chain_counts(sizes, n_lo, n_up), units, pp, budget, m, vpp=vpp)
+    n, c = len(units), pp * vpp
+    for cuts in itertools.combinations_with_replacement(range(1, n), c - 1):  # empty middle chunks too
+        sizes = [b - a for a, b in zip((0,) + cuts, cuts + (n,))]
+        if sizes[0] < 1 or sizes[-1] < 1:
+            continue
+        p = evaluate(PipelineLayout.from_chain_counts(sizes, n_lo, n_up, allow_empty=True), units, pp, budget, m,
+                     vpp=vpp)
         if p.fits and (best is None or p.bottleneck_time < best.bottleneck_time):
             best = p
     return best
@@ -154,7 +159,7 @@ def test_vpp_planner_against_brute_force(seed):
     assert exact.bottleneck_time == pytest.approx(ref.bottleneck_time, rel=1e-12)
     # the local search (forced by a zero exhaustive limit) on the same instance: measured gap
     local = plan(units, pp, num_microbatches=m, vpp=vpp, exhaustive_limit=0)
-    assert local.bottleneck_time <= ref.bottleneck_time * 1.25
+    assert local.bottleneck_time <= ref.bottleneck_time * 1.05  # measured: exact in 25 of 40, worst +3.3 %
     local.layout.validate(n_lower, n_upper, pp, vpp)
     assert local.rank_times == pytest.approx([sum(s.time_s for s in local.stages[r::pp]) for r in range(pp)])
 
@@ -194,3 +199,26 @@ def test_pp16_head_stage_plan_at_4096():
     assert d["planned"]["bottleneck_over_ideal"] <= 1.20
     assert d["planned"]["layout"].endswith("|H")  # the head alone on the last stage
     assert d["params_balanced"]["bottleneck_over_ideal"] > 2.0  # the head + a 70B layer
+
+
+@pytest.mark.slow
+def test_pp16_interleaved_plan_at_8192():
+    """The head alone bounds any layout at 1.071 here; the best contiguous one reaches 1.226."""
+    flat = _cli("--pp", "16", "--seq-length", "8192")["planned"]
+    assert flat["bottleneck_over_ideal"] > 1.20
+    d = _cli("--pp", "16", "--seq-length", "8192", "--vpp", "2")
+    p = d["planned"]
+    assert d["setup"]["vpp"] == 2 and p["vpp"] == 2 and p["fits"]
+    assert 1.071 <= p["bottleneck_over_ideal"] <= 1.20
+    lay = PipelineLayout.parse(p["layout"])
+    assert lay.pp == 32 and str(lay.stages[-1]) == "H"
+    lay.validate(32, 8, 16, vpp=2)
+    assert max(p["rank_times_s"]) == pytest.approx(p["bottleneck_time_s"])
+
+
+def test_empty_chunks_only_in_interleaved_layouts():
+    PipelineLayout.parse("L1|-|L1,A|U2,H").validate(2, 2, 2, vpp=2)
+    with pytest.raises(ValueError, match="stage 1 is empty"):
+        PipelineLayout.parse("L1|-|L1,A,U2").validate(2, 2, 3)
+    with pytest.raises(ValueError, match="stage 0 is empty"):
+        PipelineLayout.parse("-|L2,A|U1|U1").validate(2, 2, 2, vpp=2)
