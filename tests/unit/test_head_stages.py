@@ -222,3 +222,24 @@ def test_empty_chunks_only_in_interleaved_layouts():
         PipelineLayout.parse("L1|-|L1,A,U2").validate(2, 2, 3)
     with pytest.raises(ValueError, match="stage 0 is empty"):
         PipelineLayout.parse("-|L2,A|U1|U1").validate(2, 2, 2, vpp=2)
+
+
+def test_layout_search_with_virtual_stages():
+    from splitllama.pipeline.search import search
+    from tests.unit.test_layout_search import GB, GPUS, SEQ, TINY, jittered_source
+
+    source = jittered_source(0)
+    flat = search(TINY, GPUS, SEQ, GB, 1e12, top=40, units_source=source)
+    both = search(TINY, GPUS, SEQ, GB, 1e12, top=40, units_source=source, vpp_options=(1, 2))
+    assert all(c.vpp == 1 for c in flat)
+    assert both[0].step_time_s <= flat[0].step_time_s * (1 + 1e-9)
+    inter = [c for c in both if c.vpp == 2]
+    assert inter, [c.to_dict() for c in both[:5]]
+    for c in inter:  # chunks of pp x 2, costed again to the same step, Megatron's m condition
+        lay = PipelineLayout.parse(c.layout)
+        lay.validate(TINY.num_layers_lower, TINY.num_layers_upper, c.pp, vpp=2)
+        assert c.plan.num_microbatches % c.pp == 0
+        again = evaluate(lay, source(TINY, SEQ, c.micro_batch_size, c.tp, c.dp, c.recompute,
+                                     sequence_parallel=c.tp > 1), c.pp, None, c.plan.num_microbatches, vpp=2)
+        assert again.step_time_s == pytest.approx(c.step_time_s, rel=1e-12)
+        assert "parallel.virtual_pipeline_model_parallel_size=2" in c.overrides()
