@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence
 from splitllama.pipeline.cost import Unit
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.pipeline.schedule import (check_interleaved, one_f_one_b_makespan,  # noqa: F401 (re-exported)
-                                         peak_in_flight, simulate_1f1b, simulate_pipeline)
+                                         peak_in_flight, pipeline_makespan, simulate_1f1b, simulate_pipeline)
 
 GiB = float(2 ** 30)
 
@@ -421,14 +421,23 @@ def _vpp_scorer(units: Sequence[Unit], pp: int, vpp: int, m: Optional[int], budg
     for u in units:
         prefix.append(prefix[-1] + u.time)
 
+    fpre, bpre = [0.0], [0.0]
+    for u in units:
+        fpre.append(fpre[-1] + u.fwd_time)
+        bpre.append(bpre[-1] + u.bwd_time)
+    m_sim = min(m, 2 * pp) if m is not None else 2 * pp
+
     def time_key(sizes: Sequence[int]) -> tuple:
         ranks = [0.0] * pp
-        for c, (i, j) in enumerate(_bounds(sizes)):
+        b = _bounds(sizes)
+        for c, (i, j) in enumerate(b):
             ranks[c % pp] += prefix[j] - prefix[i]
-        primary = max(ranks)
         if overhead is not None and m is not None:
             primary = _result("", units, sizes, m, None, overhead, vpp).step_time_s
-        return (float(f"{primary:.12e}"), sum(r * r for r in ranks))
+        else:  # the interleaved makespan (the order stalls on unbalanced chunks, not only ranks)
+            primary = pipeline_makespan([fpre[j] - fpre[i] for i, j in b], [bpre[j] - bpre[i] for i, j in b],
+                                        [0.0] * len(b), m_sim, pp)[0]
+        return (float(f"{primary:.12e}"), max(ranks), sum(r * r for r in ranks))
 
     def fits(sizes: Sequence[int]) -> bool:
         return budget is None or max(_result("", units, sizes, m, None, None, vpp).rank_memory) <= budget
