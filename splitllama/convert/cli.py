@@ -14,13 +14,13 @@ leaving no output directory. ``--adapter-init lstsq`` (fit on activations) is de
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Optional
 
 from splitllama import logs
 from splitllama.convert.progress import fmt_bytes
 from splitllama.errors import cli_main
+from splitllama.platform.lifecycle import terminate_unwinds
 
 
 VALUE_INIT_HELP = ("critic value head: zeros (weight and bias 0) or normal (weight ~ N(0, 0.02^2) "
@@ -122,14 +122,9 @@ def run(args: argparse.Namespace) -> str:
 def _main(argv: Optional[list[str]]) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.verbose)
-    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds: partial outputs are removed
-    print(run(args))
+    with terminate_unwinds():  # SIGTERM unwinds: partial outputs are removed; handler restored after
+        print(run(args))
     return 0
-
-
-def _terminate(signum, frame) -> None:
-    print(f"error: terminated by signal {signum}; removing the partial output", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)  # unwinds through the writers' cleanup
 
 
 def main(argv: Optional[list[str]] = None) -> int:
