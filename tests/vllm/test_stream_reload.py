@@ -64,7 +64,7 @@ def run(tmp_path_factory):
     (tmp / "prompts.json").write_text(json.dumps(prompts))
     proc = subprocess.run([python, str(ROOT / "tests/vllm/stream_reload_worker.py"), export_b,
                            tmp / "stream/rank0.safetensors", tmp / "stream/rank0.json", tmp / "prompts.json",
-                           str(MAX_NEW), tmp], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           str(MAX_NEW), tmp], capture_output=True, text=True, timeout=1500, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads((tmp / "reload.json").read_text()), prompts, export_a, export_b
