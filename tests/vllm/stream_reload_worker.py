@@ -24,6 +24,11 @@ def _generate(llm, prompts, max_new):
 
 
 def main(argv: list[str]) -> None:
+    import os
+
+    # in-process engine: the weights go to the model as they are (the multiprocess executor serialises the
+    # (name, tensor) pairs into lists, which reload_weights does not take)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from safetensors.torch import load_file
     from vllm import LLM
 
