@@ -104,6 +104,7 @@ def resolve(job: JobConfig, world_size: int, *, on_cpu: Optional[bool] = None,
     tr.validate(dp)
     job.checkpoint.validate()
     job.logging.validate()
+    job.rl.validate()
     check_model(job)
     data = job.data
     if data.tokenizer_type == "null" and data.vocab_size is None:

@@ -92,11 +92,13 @@ def _say(text: str) -> None:
         print(text, flush=True)
 
 
-def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Everything that can be checked is checked before torch.distributed starts: the save
     directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
     files of the checkpoint to load. The loaded `job` is not changed: where the run starts and
     the checkpoint's model make a new job, which the resolve step turns into the `RunPlan`."""
+    if weight_consumer is not None and not job.rl.sync_interval:
+        raise ValueError("a weight consumer was passed but rl.sync_interval is 0: set rl.sync_interval=K")
     c = job.checkpoint
     lock = None
     if c.save and not job.train.eval_only and launch_rank() == 0:
@@ -112,13 +114,13 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(plan, tok, preemption)
+        return _run(plan, tok, preemption, weight_consumer)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
+def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], weight_consumer=None) -> int:
     rt = build_runtime(plan)
     job = rt.job
     rank0 = dist.get_rank() == 0
@@ -135,13 +137,15 @@ def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
         if rank0:
             print(json.dumps({"eval_loss": val}), flush=True)
         return 0
-    return train(rt, flops_per_iteration(job), make_valid, preemption)
+    return train(rt, flops_per_iteration(job), make_valid, preemption, weight_consumer)
 
 
-def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Run a parsed job (after splitllama.training.entry's process set-up) and shut down.
-    `preemption`: the flag `signals.install()` returned (None: no signal is honoured)."""
+    `preemption`: the flag `signals.install()` returned (None: no signal is honoured).
+    `weight_consumer(iteration, weights)`: an RL framework's callable, called on every rank every
+    rl.sync_interval iterations with the live weights in HF export names (splitllama.rl.sync)."""
     try:
-        return run(job, preemption)
+        return run(job, preemption, weight_consumer)
     finally:
         shutdown()

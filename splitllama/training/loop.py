@@ -140,11 +140,25 @@ def _on_signal(rt: Runtime, rank0: bool, saves: checkpointing.AsyncSaves, preemp
     return 128 + sig
 
 
+def _weight_sync(rt: Runtime, iteration: int, consumer, sink, rank0: bool) -> None:
+    """rl.sync_interval: stream the live weights (collective) to the RL consumer; log what went."""
+    from splitllama.rl.sync import sync_weights
+
+    chunks = rt.ddp if isinstance(rt.ddp, (list, tuple)) else [rt.ddp]
+    res = sync_weights(chunks, iteration, consumer, digest=rank0,
+                       bucket_bytes=int(rt.job.rl.sync_bucket_mb * 2 ** 20))
+    sink.write({"iteration": iteration, "weight_sync": res.to_dict()})
+    if rank0:
+        print(res.line(), flush=True)
+
+
 def train(rt: Runtime, flops_per_iteration: float, make_valid_iter,
-          preemption: Optional[PreemptionFlag] = None) -> int:
+          preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Run until train_iters; returns the process exit code (0 when finished or after a signal
     save; 128 + signal when a signal stopped it with no checkpoint). `preemption`: the flag
-    the entry point installed (checked before every iteration, on all ranks together)."""
+    the entry point installed (checked before every iteration, on all ranks together).
+    `weight_consumer`: an RL framework's callable fed the live weights every rl.sync_interval
+    iterations (splitllama.rl.sync)."""
     job, tr, st = rt.job, rt.job.train, rt.state
     sink = MetricsSink(job.logging, job.to_dict())
     total = tr.total_iters()
@@ -213,6 +227,8 @@ def train(rt: Runtime, flops_per_iteration: float, make_valid_iter,
                 sink.write({"iteration": st.iteration, "eval_loss": val})
                 if rank0:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
+            if job.rl.sync_interval and st.iteration % job.rl.sync_interval == 0:
+                _weight_sync(rt, st.iteration, weight_consumer, sink, rank0)
             ckpt_cfg = job.checkpoint
             if ckpt_cfg.save and ckpt_cfg.save_interval and st.iteration % ckpt_cfg.save_interval == 0:
                 save_checkpoint(rt, ckpt_cfg.save, saves)
