@@ -1,12 +1,14 @@
 """Runs in the veRL venv (.ci/verl_venv.sh: verl 0.9.1, transformers 5.10) under torchrun; drives veRL's own
 FSDP2 ``TrainingWorker`` on a SplitLlama export, unmodified, and writes what it computed for the test to check.
 
-    torchrun --nproc-per-node=P worker.py actor  EXPORT_DIR OUT_DIR BATCH.safetensors
-        -> OUT_DIR/actor_rank{r}.safetensors {log_probs [b, R] (veRL infer_batch), rows (the batch rows of this rank)}
-           OUT_DIR/actor_rank{r}.json {loss, grad_norm, changed (parameters the step moved), transformers, verl}
-           OUT_DIR/stream_names.json (rank 0): names and shapes of engine.get_per_tensor_param() (the rollout sync)
-    torchrun --nproc-per-node=P worker.py critic CRITIC_DIR OUT_DIR BATCH.safetensors
-        -> OUT_DIR/critic_rank{r}.safetensors {values [b, R]}, critic_rank{r}.json {loss, grad_norm, changed, ...}
+    torchrun --nproc-per-node=P worker.py ACTOR_EXPORT CRITIC_EXPORT OUT_DIR BATCH.safetensors
+        actor (language_model): infer_batch log-probs, then one train_mini_batch step with veRL's ppo_loss
+        -> OUT_DIR/actor_rank{r}.safetensors {log_probs [b, R], rows (the batch rows of this rank)}
+           OUT_DIR/actor_rank{r}.json {loss, grad_norm, changed (parameters the step moved), versions, ...}
+           OUT_DIR/actor_stream_names.json (rank 0): {name: shape} of engine.get_per_tensor_param(), the
+           tensors veRL streams to its rollout engine
+        critic (value_model): infer_batch values, then one train_mini_batch step with veRL's value_loss
+        -> OUT_DIR/critic_rank{r}.safetensors {values [b, R], rows}, critic_rank{r}.json, critic_stream_names.json
 
 BATCH holds veRL's padded rollout layout: input_ids / attention_mask / position_ids [B, T] (prompt left-padded,
 response right-padded), response_mask [B, R], advantages / returns / values [B, R]. Rank r takes rows r::P.
@@ -22,6 +24,7 @@ import contextlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -146,7 +149,7 @@ def _no_padding(td, **meta):
     return td
 
 
-def _configs(export: str, model_type: str):
+def _configs(export: str):
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
 
     model = HFModelConfig(path=export, trust_remote_code=True, use_remove_padding=True)  # veRL's default attention
@@ -163,7 +166,7 @@ def _worker(export: str, model_type: str):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.engine_workers import TrainingWorker, TrainingWorkerConfig
 
-    model, engine, optim = _configs(export, model_type)
+    model, engine, optim = _configs(export)
     assert model.hf_config.num_attention_heads and model.hf_config.max_position_embeddings
     worker = TrainingWorker(TrainingWorkerConfig(model_type=model_type, model_config=model, engine_config=engine,
                                                  optimizer_config=optim, checkpoint_config=CheckpointConfig()))
@@ -177,8 +180,6 @@ def _params(worker) -> dict[str, torch.Tensor]:
 
 
 def _train_step(worker, td, loss_fn, before: dict[str, torch.Tensor], n_rows: int, world: int):
-    from tensordict.tensorclass import NonTensorData
-
     from verl.utils import tensordict_utils as tu
 
     worker.set_loss_fn(loss_fn)
@@ -192,11 +193,10 @@ def _train_step(worker, td, loss_fn, before: dict[str, torch.Tensor], n_rows: in
     loss = metrics["loss"]
     grad_norm = metrics["grad_norm"]
     as_float = lambda v: float(v[0] if isinstance(v, list) else v)  # noqa: E731
-    del NonTensorData
     return {"loss": as_float(loss), "grad_norm": as_float(grad_norm), "changed": changed}
 
 
-def run(mode: str, export: str, out: Path, batch_path: str) -> None:
+def run_one(mode: str, export: str, out: Path, batch_path: str, rank: int, world: int) -> None:
     import transformers
     from safetensors.torch import save_file
 
@@ -204,47 +204,46 @@ def run(mode: str, export: str, out: Path, batch_path: str) -> None:
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import no_padding_2_padding
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    meta = {"transformers": transformers.__version__, "verl": verl.__version__}
-    model_type = "language_model" if mode == "actor" else "value_model"
-    worker = _worker(export, model_type)
+    meta = {"transformers": transformers.__version__, "verl": verl.__version__, "world_size": world}
+    worker = _worker(export, "language_model" if mode == "actor" else "value_model")
+    meta["attn_implementation"] = worker.engine.module.config._attn_implementation
     td, rows = _padded_batch(batch_path, rank, world)
     before = _params(worker)
     if rank == 0:
-        (out / f"{mode}_stream_names.json").write_text(
-            json.dumps({k: list(v.shape) for k, v in before.items()}, indent=0))
+        (out / f"{mode}_stream_names.json").write_text(json.dumps({k: list(v.shape) for k, v in before.items()}))
     key = "log_probs" if mode == "actor" else "values"
     infer = _no_padding(td.clone(), calculate_entropy=False, compute_loss=False, temperature=1.0)
-    result = worker.infer_batch(infer)
-    got = no_padding_2_padding(tu.get(result, key), infer)
-    tensors = {key: got.float().contiguous(), "rows": rows}
+    got = no_padding_2_padding(tu.get(worker.infer_batch(infer), key), infer)
     if mode == "actor":
-        from functools import partial
-
         from verl.workers.config import FSDPActorConfig
         from verl.workers.utils.losses import ppo_loss
 
         cfg = FSDPActorConfig(rollout_n=1, ppo_mini_batch_size=len(rows) * world, ppo_micro_batch_size_per_gpu=2,
                               use_torch_compile=False)
         td["old_log_probs"] = got.detach().float()
-        meta.update(_train_step(worker, td, partial(ppo_loss, config=cfg), before, len(rows), world))
+        loss_fn = partial(ppo_loss, config=cfg)
     else:
-        from functools import partial
-
         from verl.workers.config import FSDPCriticConfig
         from verl.workers.utils.losses import value_loss
 
         cfg = FSDPCriticConfig(ppo_mini_batch_size=len(rows) * world, ppo_micro_batch_size_per_gpu=2)
-        meta.update(_train_step(worker, td, partial(value_loss, config=cfg), before, len(rows), world))
-    save_file(tensors, str(out / f"{mode}_rank{rank}.safetensors"))
+        loss_fn = partial(value_loss, config=cfg)
+    meta.update(_train_step(worker, td, loss_fn, before, len(rows), world))
+    save_file({key: got.float().contiguous(), "rows": rows}, str(out / f"{mode}_rank{rank}.safetensors"))
     (out / f"{mode}_rank{rank}.json").write_text(json.dumps(meta))
-    torch.distributed.barrier()
+
+
+def main(actor: str, critic: str, out: Path, batch_path: str) -> None:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    for mode, export in (("actor", actor), ("critic", critic)):
+        run_one(mode, export, out, batch_path, rank, world)
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5 or sys.argv[1] not in ("actor", "critic"):
-        raise SystemExit("usage: worker.py actor|critic EXPORT_DIR OUT_DIR BATCH.safetensors")
-    run(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4])
+    if len(sys.argv) != 5:
+        raise SystemExit("usage: worker.py ACTOR_EXPORT CRITIC_EXPORT OUT_DIR BATCH.safetensors")
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4])
