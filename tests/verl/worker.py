@@ -133,7 +133,7 @@ def _padded_batch(path: str, rank: int, world: int):
     from tensordict import TensorDict
 
     full = load_file(path)
-    rows = torch.arange(full["input_ids"].shape[0])[rank::world]
+    rows = torch.arange(full["input_ids"].shape[0])[rank::world].contiguous()
     data = {k: v[rows] for k, v in full.items()}
     n_resp = data["response_mask"].shape[1]
     data["prompts"], data["responses"] = data["input_ids"][:, :-n_resp], data["input_ids"][:, -n_resp:]
