@@ -121,7 +121,8 @@ def run(request, setup):
 
 
 def _reference(model, batch, kind: str) -> torch.Tensor:
-    """Per sequence, unpadded, float64: log p(response token | prefix), or the value at each response token."""
+    """Per sequence, unpadded, float64: log p(response token t | tokens before t), or (veRL's critic convention)
+    the value at the token before each response token, the state the response token is chosen in."""
     r = batch["response_mask"].shape[1]
     ref = torch.zeros(batch["response_mask"].shape, dtype=torch.float64)
     for i in range(len(batch["input_ids"])):
@@ -133,7 +134,7 @@ def _reference(model, batch, kind: str) -> torch.Tensor:
             lp = torch.log_softmax(out, -1)[:-1].gather(1, ids[1:, None])[:, 0]
             ref[i, :n] = lp[-n:]
         else:
-            ref[i, :n] = out[-n:, 0]
+            ref[i, :n] = out[-n - 1:-1, 0]
     assert ref.shape[1] == r
     return ref
 
