@@ -18,6 +18,11 @@ if ! "$venv/bin/python" -c "import verl" >/dev/null 2>&1; then
     # uvicorn, fastapi: imported by verl.workers.engine_workers (via its rollout utils) but not declared by verl
     "$venv/bin/pip" install -q -c "$constraint" 'verl==0.9.1' 'transformers>=5.10,<5.11' uvicorn fastapi
 fi
+# The floor of setup.py's transformers range, beside (not in) the venv: tests/versions runs the export on it with
+# this venv's python and PYTHONPATH=$venv/transformers-5.5.3 (its other requirements are met by this venv's).
+if [ ! -d "$venv/transformers-5.5.3/transformers" ]; then
+    "$venv/bin/pip" install -q --no-deps --target "$venv/transformers-5.5.3" 'transformers==5.5.3'
+fi
 # splitllama itself with the [verl] extra; its other requirements (megatron-core, ...) so that pip check is clean.
 "$venv/bin/pip" install -q -c "$constraint" -e '.[verl]'
 "$venv/bin/pip" check

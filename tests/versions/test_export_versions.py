@@ -1,5 +1,6 @@
-"""One SplitLlama export (LM and critic) loaded by every transformers version setup.py admits and CI has a venv
-for: 5.10 (the veRL venv, .ci/verl_venv.sh), 5.19 (the vLLM venv, .ci/vllm_venv.sh) and 5.24 (the main venv).
+"""One SplitLlama export (LM and critic) loaded by the transformers versions setup.py admits: its floor 5.5.3
+(installed by .ci/verl_venv.sh beside the veRL venv, run with that venv's python), 5.10 (the veRL venv),
+5.19 (the vLLM venv, .ci/vllm_venv.sh) and 5.24 (the main venv, the newest admitted).
 
 ``hf_worker.py`` runs in each venv (remote code only); its float32 logits / values of a padded batch and of the
 same documents packed into one row (position ids restarting, no mask, no cache: veRL's remove-padding input)
@@ -33,6 +34,7 @@ TOL = 2e-5
 # (venv name, env var of its python, CI's "require" variable, default path, transformers series, marks)
 VENVS = [
     ("main", None, None, None, "5.24.", []),
+    ("floor", "SPLITLLAMA_VERL_PYTHON", "SPLITLLAMA_REQUIRE_VERL", ".venv-verl", "5.5.3", [pytest.mark.verl]),
     ("vllm", "SPLITLLAMA_VLLM_PYTHON", "SPLITLLAMA_REQUIRE_VLLM", ".venv-vllm", "5.19.", [pytest.mark.vllm]),
     ("verl", "SPLITLLAMA_VERL_PYTHON", "SPLITLLAMA_REQUIRE_VERL", ".venv-verl", "5.10.", [pytest.mark.verl]),
 ]
@@ -77,11 +79,17 @@ def export(tmp_path_factory):
                          [pytest.param(*v[:5], marks=v[5], id=v[0]) for v in VENVS])
 def test_export_loads_and_matches_float64(export, name, var, require, default, series):
     python = _python(var, require, default)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if name == "floor":
+        floor = Path(python).parents[1] / "transformers-5.5.3"
+        if not floor.is_dir():
+            pytest.fail(f"no {floor} (bash .ci/verl_venv.sh installs it)")
+        env["PYTHONPATH"] = str(floor)
     tmp, (lm_dir, critic_dir), ref = export
     out = tmp / f"{name}.safetensors"
     proc = subprocess.run([python, str(WORKER), str(lm_dir), str(critic_dir), str(tmp / "inputs.safetensors"),
                            str(out)], capture_output=True, text=True, timeout=600, cwd=str(tmp),
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     with safe_open(str(out), "pt") as f:
         version = f.metadata()["transformers"]
