@@ -3,6 +3,7 @@
 # verl==0.9.1, its newest admitted transformers (5.10.x), torch 2.13.0+cpu (held by a constraint so that pip
 # never swaps in a CUDA build), splitllama (editable, its extra [verl]), then `pip check`.
 # Idempotent: an existing venv whose verl imports is kept, only splitllama is (re)installed editable.
+# Also the veRL-Megatron bridge's tests (SPLITLLAMA_VERLMEG_PYTHON, same venv).
 # Usage: bash .ci/verl_venv.sh [VENV_DIR]   (default .venv-verl in the repo root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 constraint="$venv/torch-constraint.txt"
 echo "torch==2.13.0" > "$constraint"
-if ! "$venv/bin/python" -c "import verl" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import verl, mbridge, einops" >/dev/null 2>&1; then
     "$venv/bin/pip" install -q torch==2.13.0
-    # uvicorn, fastapi: imported by verl.workers.engine_workers (via its rollout utils) but not declared by verl
-    "$venv/bin/pip" install -q -c "$constraint" 'verl==0.9.1' 'transformers>=5.10,<5.11' uvicorn fastapi
+    # uvicorn, fastapi: imported by verl.workers.engine_workers (via its rollout utils) but not declared by verl.
+    # mbridge 0.15.1 (+ einops, which it imports but does not declare): the bridge of veRL's Megatron engine
+    # (splitllama/rl/mbridge_bridge.py, tests/distributed/test_stream_mbridge.py).
+    "$venv/bin/pip" install -q -c "$constraint" 'verl==0.9.1' 'transformers>=5.10,<5.11' uvicorn fastapi \
+        'mbridge==0.15.1' einops
 fi
 # The floor of setup.py's transformers range, beside (not in) the venv: tests/versions runs the export on it with
 # this venv's python and PYTHONPATH=$venv/transformers-5.5.3 (its other requirements are met by this venv's).
