@@ -119,6 +119,8 @@ class CheckpointConfig:
     (the one 'latest' names is never pruned)."""
     save_on_signal: bool = True
     """On SIGTERM / SIGUSR1 (preemption): save a checkpoint (when save is set) and exit 0."""
+    override_opt_param_scheduler: bool = False
+    """On resume: apply this run's learning-rate schedule (optimizer.lr, min_lr, warmup, decay, weight_decay, train.global_batch_size) where it differs from the checkpoint's (Megatron's --override-opt_param-scheduler); false: such a difference is refused, naming each key."""
     overwrite: bool = False
     """Allow a run that does not resume from checkpoint.save to write into a directory that already holds checkpoints (its saves and pruning may replace them)."""
 

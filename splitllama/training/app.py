@@ -106,7 +106,10 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         c = resume.resolve_resume(c, _say)
         if not job.train.eval_only:
             resume.guard_save_dir(c)
-        plan = preflight.run_plan(adopt_checkpoint_model(dataclasses.replace(job, checkpoint=c)))
+        job = dataclasses.replace(job, checkpoint=c)
+        if not job.train.eval_only:
+            job = resume.reconcile_with_checkpoint(job, _say)  # what the checkpoint keeps, said or refused
+        plan = preflight.run_plan(adopt_checkpoint_model(job))
         tok = build_tokenizer(plan.job.data)
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
