@@ -97,7 +97,7 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
     files of the checkpoint to load. The loaded `job` is not changed: where the run starts and
     the checkpoint's model make a new job, which the resolve step turns into the `RunPlan`."""
     c = job.checkpoint
-    lock = None
+    lock, started = None, False
     if c.save and not job.train.eval_only and int(os.environ.get("RANK", "0")) == 0:
         lock = DirLock(c.save).acquire()
         if lock.note:
@@ -114,14 +114,16 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(plan, tok, preemption)
+        started = True
+        return _run(plan, tok, preemption, lock)
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(undo_create=not started)  # a refused run leaves no directory, no .lock
 
 
-def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
+def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], lock: Optional[DirLock] = None) -> int:
     rt = build_runtime(plan)
+    rt.save_lock = lock  # checked before every save (the directory may be deleted mid-run)
     job = rt.job
     rank0 = dist.get_rank() == 0
     stages = report.stage_params(rt)  # collective

@@ -124,6 +124,14 @@ def save(rt, root: str, saves: AsyncSaves) -> str:
     (the loop polls it each iteration, and blocks on it before the next save and at exit)."""
     saves.finalize(blocking=True)  # at most one save in flight
     it = rt.state.iteration
+    from splitllama.platform.device import device as local_device
+
+    lost = torch.tensor([0.0 if rt.save_lock is None or rt.save_lock.held() else 1.0], device=local_device())
+    dist.all_reduce(lost)  # every rank stops together
+    if lost.item():
+        raise UsageError(f"the lock of checkpoint.save {root} is gone (the directory was deleted or replaced "
+                         f"during the run): not saving iteration {it} there, since a second writer would no "
+                         f"longer be stopped; stopping")
     writer_queue.install()
     tmp = os.path.join(root, dirs.tmp_dirname(it))
     if dist.get_rank() == 0:

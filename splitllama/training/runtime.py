@@ -43,6 +43,7 @@ class Runtime:
     trainable_params_global: int
     state: TrainState = field(default_factory=TrainState)
     train_iter: Optional[Iterator] = None
+    save_lock: Optional[object] = None  # rank 0's checkpoint.lock.DirLock of checkpoint.save (checked before saves)
 
     @property
     def job(self) -> JobConfig:
