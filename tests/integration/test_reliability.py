@@ -245,3 +245,21 @@ def test_latest_naming_a_path_outside_its_root_is_not_followed(ckpt, tmp_path):
     (ckpt / "latest").write_text("../other/iter_0000004\n")
     with pytest.raises(ValueError, match=r"'\.\./other/iter_0000004', which is not an iter_NNNNNNN"):
         dirs.resolve(str(ckpt))
+
+
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(tmp_path):
+    """Issue 20 point 4: SIGINT was a KeyboardInterrupt traceback with no checkpoint."""
+    ckpt, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    proc = apprun.start(1, ["train.train_iters=100000", f"checkpoint.save={ckpt}", f"logging.metrics_file={m}",
+                            "logging.log_interval=1"])
+    try:
+        apprun.wait_until(proc, lambda: len(apprun.losses(m)) >= 2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert "[signal] SIGINT: checkpoint saved at iteration" in out
+    assert dirs.is_complete(str(ckpt / (ckpt / "latest").read_text().strip()))
