@@ -210,8 +210,12 @@ def load(rt, path: str, finetune: bool) -> None:
     if missing or unexpected:
         raise KeyError(f"{ckpt}: model mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if resume_optimizer:
+        fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in rt.optimizer.param_groups]
         rt.optimizer.load_state_dict(optim_state.restore(loaded["optimizer"], meta["optimizer_common"]))
         optim_compat.unshare_steps(rt.optimizer)
+        if rt.job.checkpoint.override_opt_param_scheduler:  # the groups' max_lr / min_lr drive get_lr
+            for group, values in zip(rt.optimizer.param_groups, fresh):
+                group.update(values)
     rt.scheduler.load_state_dict(meta["scheduler"])
     rt.state = TrainState.from_dict(meta)
     rng = _rng_file(ckpt)
