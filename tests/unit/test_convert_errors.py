@@ -134,6 +134,8 @@ CASES = {  # name: (which source to break, mutation, (N, M), expected message)
                          r"corrupt safetensors header entry for .*: offsets \[-\d+, -?\d+\]"),
     "overlapping_offsets": ("upper", lambda d: _edit_header(d, Q4, _overlapping_offsets), (2, 3),
                             r"corrupt safetensors header: tensors .* and .* overlap"),
+    "nan_weight": ("upper", lambda d: _rewrite(d, Q4, torch.full((128, 128), float("nan"))), (2, 3),
+                   r"upper: tensor model\.layers\.4\.self_attn\.q_proj\.weight in .* holds \d+ NaN/Inf values"),
     "no_safetensors": ("lower", lambda d: [os.remove(p) for p in d.glob("model*")], (2, 3),
                        r"has neither model\.safetensors\.index\.json nor model\.safetensors"),
 }
