@@ -96,6 +96,10 @@ def cli_main(fn: Callable[..., Optional[int]], *args, **kwargs) -> int:
     """Run an entry point; input errors become one line and an exit status, others re-raise."""
     try:
         return fn(*args, **kwargs) or 0
+    except KeyboardInterrupt:  # Ctrl-C where no handler saves (or a second one): no traceback
+        if _rank() == 0:
+            print("error: interrupted (Ctrl-C); nothing more was saved", file=sys.stderr, flush=True)
+        return 130
     except Exception as e:  # noqa: BLE001 - classified below; unexpected ones re-raise
         if input_error_code(e) is None:
             if launch_rank() != 0:

@@ -81,6 +81,9 @@ def resolve(path: str) -> str:
     if os.path.isfile(tracker):
         with open(tracker) as f:
             name = f.read().strip()
+        if not _ITER_RE.match(name):  # never followed out of its root (an absolute path, ../)
+            raise ValueError(f"{tracker} names {name!r}, which is not an iter_NNNNNNN directory of {path} "
+                             f"(a root's '{TRACKER}' names one of its own iter_ directories)")
         target = os.path.join(path, name)
         if not is_complete(target):
             raise ValueError(f"{tracker} names {name}, which is not a complete checkpoint")

@@ -52,10 +52,15 @@ class DirLock:
         self.path = os.path.join(root, LOCK_FILE)
         self.fd: Optional[int] = None
         self.note: Optional[str] = None  # set when a stale lock was taken over
+        self.created: list[str] = []  # what acquire() made: the lock file, the directory
+
 
     def acquire(self) -> "DirLock":
+        made_root = not os.path.isdir(self.root)
         os.makedirs(self.root, exist_ok=True)
+        made_file = not os.path.exists(self.path)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.created = [p for p, made in ((self.path, made_file), (self.root, made_root)) if made]
         previous = _parse(os.pread(fd, 256, 0).decode(errors="replace"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,7 +93,27 @@ class DirLock:
             f"checkpoint directory {self.root} is in use by another run ({_describe(previous)}; this "
             f"filesystem has no flock, so if that run is dead remove {self.path})")
 
-    def release(self) -> None:
+    def held(self) -> bool:
+        """Whether the lock file this lock holds is still the one at its path (a deleted or
+        replaced directory loses the lock: a second writer would not be stopped)."""
+        if self.fd is None:
+            return False
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def release(self, undo_create: bool = False) -> None:
+        """Drop the lock; `undo_create`: also remove the lock file and directory acquire()
+        created (a run refused before it wrote anything leaves nothing behind)."""
+        if undo_create and self.fd is not None:
+            for path in self.created:
+                try:
+                    os.unlink(path) if path == self.path else os.rmdir(path)
+                except OSError:
+                    break  # not empty (someone else's files): keep it
         if self.fd is not None:
             try:
                 os.ftruncate(self.fd, 0)

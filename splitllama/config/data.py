@@ -5,6 +5,7 @@ The random seed is deliberately absent: it belongs to the train config and is pa
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,15 +35,15 @@ class DataConfig:
     """Megatron blend: [prefix], [prefix1, prefix2] (weighted by size) or [w1, prefix1, w2, prefix2]."""
     split: str = "969,30,1"
     """Train/valid/test weights over the documents of each prefix (Megatron ``--split``)."""
-    seq_length: int = 128
+    seq_length: int = field(default=128, metadata={"ge": 1})
     """Tokens per training sample."""
-    tokenizer_type: str = "null"
+    tokenizer_type: str = field(default="null", metadata={"choices": TOKENIZER_TYPES})
     """null (ids as text; vocab_size ids), sentencepiece, huggingface or tiktoken."""
     tokenizer_model: Optional[str] = None
     """``.model`` file (sentencepiece, tiktoken), or a directory or ``tokenizer.json`` file (huggingface)."""
-    vocab_size: Optional[int] = None
+    vocab_size: Optional[int] = field(default=None, metadata={"ge": 2})
     """Vocabulary size of the ``null`` tokenizer (ids ``0..vocab_size-1``, EOD = vocab_size-1)."""
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"ge": 0})
     """torch DataLoader worker processes."""
     reset_position_ids: bool = False
     """RoPE positions restart after every EOD token (Megatron ``--reset-position-ids``); both
@@ -59,6 +60,14 @@ class DataConfig:
     tokens only. Needs ``model.attention_backend=sdpa`` and ``train.micro_batch_size=1``."""
     cache_dir: Optional[str] = None
     """Megatron ``path_to_cache`` for the sample/shuffle indices; null: next to the data."""
+
+    def check_values(self) -> None:
+        """Relations of the fields on their own: the split has a training part, a blend's
+        weights are finite and > 0 and its prefixes are not numbers."""
+        if self.data_path:
+            parse_blend(self.data_path)
+        if parse_split(self.split)[0] <= 0:
+            raise ValueError(f"data.split={self.split!r} has no training part (its first weight is 0)")
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field."""
@@ -101,7 +110,12 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
     """Split a Megatron ``data_path`` list into (prefixes, weights or None); ValueError if bad."""
     if not data_path:
         raise ValueError("data.data_path is empty")
+    for i, entry in enumerate(data_path):
+        if not isinstance(entry, str):
+            raise ValueError(f"data.data_path[{i}]: expected a string (a file prefix or a weight), got {entry!r}")
     if len(data_path) % 2 == 1:
+        for i, prefix in enumerate(data_path):
+            _check_prefix_text(i, prefix)
         return list(data_path), None
     weights: list[float] = []
     prefixes: list[str] = []
@@ -114,11 +128,21 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
                 f"prefix (got {w!r} where a weight was expected); list a single prefix or "
                 f"give every prefix a weight"
             ) from None
-        if not weight > 0:
-            raise ValueError(f"data.data_path: weight {w!r} for {prefix!r} must be > 0")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"data.data_path: weight {w!r} for {prefix!r} must be a finite number > 0")
+        _check_prefix_text(len(prefixes) * 2 + 1, prefix)
         weights.append(weight)
         prefixes.append(prefix)
     return prefixes, weights
+
+
+def _check_prefix_text(i: int, prefix: str) -> None:
+    try:
+        float(prefix)
+    except ValueError:
+        return
+    raise ValueError(f"data.data_path[{i}]: {prefix!r} is a number where a file prefix was expected "
+                     f"(a blend is [w1, prefix1, w2, prefix2, ...])")
 
 
 def parse_split(split: str) -> list[float]:

@@ -16,7 +16,9 @@ from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
 from splitllama.config.rl import RLConfig
 from splitllama.config.train import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainConfig
-from splitllama.config.data import DataConfig
+from splitllama.config import yaml_load
+from splitllama.config.validate import validate_job
+from splitllama.config.data import DataConfig, parse_split
 
 
 @dataclass
@@ -53,6 +55,21 @@ class JobConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def check_values(self) -> None:
+        """Relations across sections (after every section passed its own checks)."""
+        tr, c = self.train, self.checkpoint
+        for flag, on in (("train.eval_only", tr.eval_only), ("checkpoint.finetune", c.finetune)):
+            if on and not c.load:
+                raise ValueError(f"{flag}=true needs checkpoint.load (the checkpoint to "
+                                 f"{'evaluate' if flag == 'train.eval_only' else 'take the weights of'}); "
+                                 f"without it the model would be a random initialisation")
+        asked = tr.eval_only or (tr.eval_interval > 0 and "train.eval_interval" in self.explicit)
+        if asked and tr.eval_iters > 0 and parse_split(self.data.split)[1] <= 0:
+            what = "train.eval_only=true" if tr.eval_only else f"train.eval_interval={tr.eval_interval}"
+            raise ValueError(f"{what} asks for evaluation but data.split={self.data.split!r} has no "
+                             f"validation part: give the split a second weight (e.g. '98,2,0') or set "
+                             f"train.eval_interval=0")
 
 
 def _parse_scalar(text: str, hint: Any = Any) -> Any:
@@ -99,10 +116,12 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
         return float(value)
     if target is float:
         raise ValueError(f"{section}.{name}: expected a number, got {value!r}")
-    if target is str and not isinstance(value, str):
-        return str(value)
+    if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a YAML number where text is meant (e.g. data.split: 1)
     if get_origin(target) is list and isinstance(value, str):  # a,b or [a, b] unquoted
         return [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
+    if get_args(target) == (str,) and isinstance(value, list):  # YAML numbers in a list of text (blend weights)
+        return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
     return value
 
 
@@ -127,7 +146,7 @@ def load_job_config(path: Optional[str] = None, overrides: Optional[list[str]] =
     raw: dict = {}
     if path:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml_load.load(f) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of sections at top level")
     for section, values in raw.items():
@@ -143,6 +162,7 @@ def load_job_config(path: Optional[str] = None, overrides: Optional[list[str]] =
         _apply(job, section, key, None, text=text)
     # re-resolve block presets / paths given as strings or dicts
     job.model.__post_init__()
+    validate_job(job)  # every value by its field's type and rules, then the relations
     return job
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Optional
+
+from splitllama.config.validate import check_mapping
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 HEADS = ("lm", "value")
@@ -24,27 +26,27 @@ SEED_ARCHITECTURES = {"lm": "CustomSplitLLamaForCausalLM", "value": "CustomSplit
 class LlamaBlockConfig:
     """Shape and numerics of one source LLaMA model (only what SplitLlama uses)."""
 
-    hidden_size: int
+    hidden_size: int = field(metadata={"ge": 1})
     """Width of the residual stream."""
-    intermediate_size: int
+    intermediate_size: int = field(metadata={"ge": 1})
     """Width of the SwiGLU MLP."""
-    num_attention_heads: int
+    num_attention_heads: int = field(metadata={"ge": 1})
     """Query heads."""
-    num_key_value_heads: int
+    num_key_value_heads: int = field(metadata={"ge": 1})
     """Key/value heads (grouped-query attention)."""
-    num_hidden_layers: int
+    num_hidden_layers: int = field(metadata={"ge": 1})
     """Layers of the source model (SplitLlama uses some of them)."""
-    vocab_size: int = 128256
+    vocab_size: int = field(default=128256, metadata={"ge": 2})
     """Token ids 0..vocab_size-1 (both models must agree)."""
-    head_dim: Optional[int] = None
+    head_dim: Optional[int] = field(default=None, metadata={"ge": 1})
     """Channels per head; null: hidden_size // num_attention_heads."""
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = field(default=1e-5, metadata={"gt": 0})
     """RMSNorm epsilon."""
-    rope_theta: float = 500000.0
+    rope_theta: float = field(default=500000.0, metadata={"gt": 0})
     """RoPE base."""
     rope_scaling: Optional[dict] = None
     """HF rope_scaling, e.g. {rope_type: llama3, factor: 8, ...}; null: plain RoPE."""
-    max_position_embeddings: int = 8192
+    max_position_embeddings: int = field(default=8192, metadata={"ge": 1})
     """Longest sequence the model's positions support."""
     tie_word_embeddings: bool = False
     """Share the embedding with the LM head (LLaMA-3: false)."""
@@ -151,13 +153,19 @@ def resolve_block(value: Any, what: str) -> LlamaBlockConfig:
     if isinstance(value, LlamaBlockConfig):
         return value
     if isinstance(value, dict):
-        names = {f.name for f in fields(LlamaBlockConfig)}
         if "preset" in value:
-            return replace(resolve_block(value["preset"], what),
-                           **{k: v for k, v in value.items() if k != "preset"})
-        if set(value) <= names:
-            return LlamaBlockConfig(**value)
-        return LlamaBlockConfig.from_hf_dict(value, source=f"model.{what}")
+            rest = {k: v for k, v in value.items() if k != "preset"}
+            check_mapping(LlamaBlockConfig, rest, f"model.{what}")
+            return replace(resolve_block(value["preset"], what), **rest)
+        if "model_type" in value or "architectures" in value:  # a HF config.json's dict
+            return LlamaBlockConfig.from_hf_dict(value, source=f"model.{what}")
+        check_mapping(LlamaBlockConfig, value, f"model.{what}")
+        required = [f.name for f in fields(LlamaBlockConfig)
+                    if f.default is MISSING and f.default_factory is MISSING and f.name not in value]
+        if required:
+            raise ValueError(f"model.{what}: missing key{'s' if len(required) > 1 else ''} {', '.join(required)} "
+                             f"(or give a preset: {{preset: NAME, key: value}})")
+        return LlamaBlockConfig(**value)
     if isinstance(value, str):
         if value in PRESETS:
             return PRESETS[value]
@@ -165,7 +173,8 @@ def resolve_block(value: Any, what: str) -> LlamaBlockConfig:
             return LlamaBlockConfig.from_hf_dir(value)
         raise ValueError(f"model.{what}: '{value}' is neither a preset {sorted(PRESETS)} "
                          f"nor an existing HF config path")
-    raise TypeError(f"model.{what}: expected preset name, path or dict, got {type(value).__name__}")
+    raise ValueError(f"model.{what}: expected a preset name {sorted(PRESETS)}, a HF config path or a mapping, "
+                     f"got {value!r}")
 
 
 @dataclass
@@ -176,9 +185,9 @@ class ModelConfig:
     """Lower model (embedding + first layers): a preset (llama3_8b, llama31_8b, tiny_lower, ...), a HF config dir/file, or a mapping (below)."""
     upper: Any = "tiny_upper"
     """Upper model (last layers + final norm + LM head): a preset (llama3_70b, llama31_70b, tiny_upper, ...), a HF config path or a mapping."""
-    num_layers_lower: int = 2
+    num_layers_lower: int = field(default=2, metadata={"ge": 1})
     """N: the first N layers of the lower model."""
-    num_layers_upper: int = 3
+    num_layers_upper: int = field(default=3, metadata={"ge": 1})
     """M: the last M layers of the upper model."""
     mlp: bool = False
     """Adapter: false = one linear lower->upper width; true = linear, ReLU, linear."""
@@ -186,19 +195,19 @@ class ModelConfig:
     """Where the HF lower model lives (the seed's path8b; recorded in exports)."""
     path_upper: Optional[str] = None
     """Where the HF upper model lives (the seed's path70b)."""
-    transformer_impl: str = "auto"
+    transformer_impl: str = field(default="auto", metadata={"choices": ("auto", "local", "transformer_engine")})
     """Layer implementation: auto (Transformer Engine when installed), local or transformer_engine."""
-    attention_backend: str = "auto"
+    attention_backend: str = field(default="auto", metadata={"choices": ATTENTION_BACKENDS})
     """Core attention: ``auto`` (Transformer Engine's with the TE layer spec, else ``sdpa``),
     ``sdpa`` (torch scaled_dot_product_attention: flash-class kernels, no [s, s] scores; causal,
     document masks and variable-length packed sequences), ``local`` (Megatron-Core's
     DotProductAttention: materialises [b, h, s, s] scores; takes document masks, not packed
     sequences) or ``transformer_engine`` (needs ``transformer_impl=transformer_engine``)."""
-    init_method_std: float = 0.02
+    init_method_std: float = field(default=0.02, metadata={"gt": 0})
     """Std of the normal initialisation of weights not loaded from a checkpoint."""
     freeze: str = "none"
     """Which parameters train: none (all train), all (none train), all_but_adapter (adapter-only warmup), or all_but:<name substrings> (adapter plus matching parameters)."""
-    head: str = "lm"
+    head: str = field(default="lm", metadata={"choices": HEADS})
     """What follows the final norm. ``lm``: the upper model's LM head (vocab-parallel logits,
     cross-entropy on next tokens). ``value``: a critic — one ``Linear(h_upper -> 1, bias=True)``,
     replicated on every TP rank (veRL's Megatron critic head), trained with a masked per-token
@@ -222,6 +231,10 @@ class ModelConfig:
     def upper_first_layer(self) -> int:
         """HF index of the first upper layer used (L70 - M)."""
         return self.upper.num_hidden_layers - self.num_layers_upper
+
+    def check_values(self) -> None:
+        """Relations of the fields without a parallel layout (layer ranges, vocabularies, heads)."""
+        self.validate(1)
 
     def validate(self, tensor_model_parallel_size: int = 1) -> None:
         """Raise one ValueError naming the first problem found."""

@@ -1,7 +1,7 @@
 """Parallel layout settings (names follow Megatron-LM's flags)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -9,21 +9,21 @@ from typing import Optional
 class ParallelConfig:
     """Parallel layout: tensor, pipeline, sequence and data parallelism (Megatron-LM's names)."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = field(default=1, metadata={"ge": 1})
     """Tensor-parallel size (GPUs that split each layer's matrices)."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = field(default=1, metadata={"ge": 1})
     """Pipeline stages; data-parallel size = world size / (tensor x pipeline)."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in norms/dropout (needs tensor_model_parallel_size > 1)."""
     pipeline_layout: Optional[str] = None
     """Explicit stage plan, e.g. "L3|L1,A,U1|U2" (lower layers, Adapter, Upper layers per stage); null: chosen by pipeline_split."""
-    pipeline_split: str = "cost"
+    pipeline_split: str = field(default="cost", metadata={"choices": ("cost", "uniform", "params", "profile")})
     """How stages are split when pipeline_layout is null: cost (the planner over analytic costs), uniform (Megatron's), params, or profile (the planner over the measured unit times of profile_file)."""
     use_distributed_optimizer: bool = True
     """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
     overlap_grad_reduce: bool = False
     """Overlap the data-parallel gradient reduction with the backward pass."""
-    memory_budget_gb: Optional[float] = None
+    memory_budget_gb: Optional[float] = field(default=None, metadata={"gt": 0})
     """Per-GPU memory budget (GiB) the planner must respect; null: no memory constraint."""
     profile_file: Optional[str] = None
     """JSON unit profile (tools/plan_pipeline.py --profile --profile-out FILE) used by pipeline_split=profile; with pipeline_split=cost it calibrates the analytic model. Its shapes, dtype and versions must match the job's."""

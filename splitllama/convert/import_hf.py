@@ -95,6 +95,11 @@ class _PieceBuilder:
     def load(self, ckpt: HFCheckpoint, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Tensor (rows) in the output dtype, in pooled buffers."""
         src = ckpt.read(name, rows, out=self.pool.take(ckpt.nbytes(name, rows)))
+        if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+            bad = int((~torch.isfinite(src)).sum())
+            raise ConversionError(f"{ckpt.what}: tensor {name} in {ckpt.path}/{ckpt.weight_map[name]} holds "
+                                  f"{bad} NaN/Inf value{'s' if bad > 1 else ''}{f' (rows {rows[0]}..{rows[1]})' if rows else ''}: "
+                                  f"refusing to import broken weights")
         if src.dtype == self.dtype:
             return src
         dst = self.pool.take(src.numel() * self.dtype.itemsize, self.dtype, tuple(src.shape))

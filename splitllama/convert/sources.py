@@ -76,6 +76,9 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in meta["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise ConversionError(f"{path}: corrupt safetensors header entry for {name}: {meta}") from None
+            if begin < 0 or end < begin or any(s < 0 for s in shape):
+                raise ConversionError(f"{path}: corrupt safetensors header entry for {name}: offsets "
+                                      f"[{begin}, {end}] / shape {list(shape)} (need 0 <= begin <= end, sizes >= 0)")
             numel = 1
             for s in shape:
                 numel *= s
@@ -86,6 +89,11 @@ class SafetensorsFile:
                 raise ConversionError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
                                       f"{base + end}, file has {size} bytes")
             self.tensors[name] = TensorInfo(name, dtype, shape, base + begin, end - begin)
+        spans = sorted((t.start, t.start + t.nbytes, t.name) for t in self.tensors.values() if t.nbytes)
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:  # two tensors sharing bytes: a crafted or corrupt file
+                raise ConversionError(f"{path}: corrupt safetensors header: tensors {a} and {b} overlap "
+                                      f"(bytes {start_b}..{end_a})")
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None,
              out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -143,6 +151,11 @@ class HFCheckpoint:
                     self.weight_map: dict[str, str] = dict(json.load(f)["weight_map"])
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ConversionError(f"{what}: {index} has no valid weight_map ({e})") from None
+            for name, fname in self.weight_map.items():  # never opened outside the model directory
+                if (not isinstance(fname, str) or not fname or os.path.isabs(fname) or fname != os.path.basename(fname)
+                        or fname in (".", "..")):
+                    raise ConversionError(f"{what}: {index} maps {name} to {fname!r}, which is not a file "
+                                          f"name inside {path} (paths and ../ are refused)")
         elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
             self.weight_map = {n: SINGLE_FILE for n in self._file(SINGLE_FILE).tensors}
         else:

@@ -167,7 +167,8 @@ _IDX_HEADER = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + docu
 
 def check_index_sizes(prefix: str) -> None:
     """Raise ValueError when ``prefix``.idx / .bin are shorter than their header says (a copy
-    that stopped early); Megatron would fail with "buffer is smaller than requested size"."""
+    that stopped early; Megatron would fail with "buffer is smaller than requested size"), or the
+    .bin is not exactly the size its .idx describes (the .bin of another corpus)."""
     idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
     size = os.path.getsize(idx)
     with open(idx, "rb") as f:
@@ -187,6 +188,9 @@ def check_index_sizes(prefix: str) -> None:
         end = int(pointers[-1]) + int(lengths[-1]) * itemsize
         if os.path.getsize(bin_) < end:
             raise ValueError(f"{bin_} is truncated: {os.path.getsize(bin_)} bytes, {idx} needs {end}")
+        if os.path.getsize(bin_) > end:  # another corpus's .bin: its tokens would be read as this one's
+            raise ValueError(f"{bin_} does not belong to {idx}: {os.path.getsize(bin_)} bytes, the index "
+                             f"describes exactly {end}; preprocess the corpus again (tools/preprocess_data.py)")
 
 
 def check_prefix(prefix: str, seq_length: int, split: str) -> None:

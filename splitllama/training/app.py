@@ -100,7 +100,7 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_cons
     if weight_consumer is not None and not job.rl.sync_interval:
         raise ValueError("a weight consumer was passed but rl.sync_interval is 0: set rl.sync_interval=K")
     c = job.checkpoint
-    lock = None
+    lock, started = None, False
     if c.save and not job.train.eval_only and launch_rank() == 0:
         lock = DirLock(c.save).acquire()
         if lock.note:
@@ -109,19 +109,25 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_cons
         c = resume.resolve_resume(c, _say)
         if not job.train.eval_only:
             resume.guard_save_dir(c)
-        plan = preflight.run_plan(adopt_checkpoint_model(dataclasses.replace(job, checkpoint=c)))
+        job = dataclasses.replace(job, checkpoint=c)
+        if not job.train.eval_only:
+            job = resume.reconcile_with_checkpoint(job, _say)  # what the checkpoint keeps, said or refused
+        plan = preflight.run_plan(adopt_checkpoint_model(job))
         tok = build_tokenizer(plan.job.data)
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(plan, tok, preemption, weight_consumer)
+        started = True
+        return _run(plan, tok, preemption, weight_consumer, lock)
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(undo_create=not started)  # a refused run leaves no directory, no .lock
 
 
-def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], weight_consumer=None) -> int:
+def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], weight_consumer=None,
+         lock: Optional[DirLock] = None) -> int:
     rt = build_runtime(plan)
+    rt.save_lock = lock  # checked before every save (the directory may be deleted mid-run)
     job = rt.job
     rank0 = dist.get_rank() == 0
     stages = report.stage_params(rt)  # collective

@@ -125,6 +125,14 @@ def save(rt: Runtime, root: str, saves: AsyncSaves) -> str:
     (the loop polls it each iteration, and blocks on it before the next save and at exit)."""
     saves.finalize(blocking=True)  # at most one save in flight
     it = rt.state.iteration
+    from splitllama.platform.device import device as local_device
+
+    lost = torch.tensor([0.0 if rt.save_lock is None or rt.save_lock.held() else 1.0], device=local_device())
+    dist.all_reduce(lost)  # every rank stops together
+    if lost.item():
+        raise UsageError(f"the lock of checkpoint.save {root} is gone (the directory was deleted or replaced "
+                         f"during the run): not saving iteration {it} there, since a second writer would no "
+                         f"longer be stopped; stopping")
     writer_queue.install()
     tmp = os.path.join(root, dirs.tmp_dirname(it))
     if dist.get_rank() == 0:
@@ -203,8 +211,12 @@ def load(rt: Runtime, path: str, finetune: bool) -> None:
     if missing or unexpected:
         raise KeyError(f"{ckpt}: model mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if resume_optimizer:
+        fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in rt.optimizer.param_groups]
         rt.optimizer.load_state_dict(optim_state.restore(loaded["optimizer"], meta["optimizer_common"]))
         optim_compat.unshare_steps(rt.optimizer)
+        if rt.job.checkpoint.override_opt_param_scheduler:  # the groups' max_lr / min_lr drive get_lr
+            for group, values in zip(rt.optimizer.param_groups, fresh):
+                group.update(values)
     rt.scheduler.load_state_dict(meta["scheduler"])
     rt.state = TrainState.from_dict(meta)
     rng = _rng_file(ckpt)

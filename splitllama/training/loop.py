@@ -130,9 +130,11 @@ def _on_signal(rt: Runtime, rank0: bool, saves: checkpointing.AsyncSaves, preemp
     if ckpt_cfg.save_on_signal and ckpt_cfg.save:
         path = checkpointing.save(rt, ckpt_cfg.save, saves)
         saves.finalize(blocking=True)
+        code = 128 + signal.SIGINT if sig == signal.SIGINT else 0  # Ctrl-C: saved, but interrupted
         if rank0:
-            print(f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
-        return 0
+            print(f"[signal] {name}: checkpoint saved at iteration {it} -> {path}; exiting {code}"
+                  if code else f"[signal] checkpoint saved at iteration {it} -> {path}; exiting 0", flush=True)
+        return code
     why = "checkpoint.save is not set" if not ckpt_cfg.save else "checkpoint.save_on_signal=false"
     if rank0:
         print(f"[signal] {name} at iteration {it} of {rt.job.train.total_iters()}: stopping; NO checkpoint "

@@ -18,7 +18,11 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
+import yaml
+
 from splitllama.checkpoint import dirs
+from splitllama.config import yaml_load
+from splitllama.config.job import JobConfig
 from splitllama.config.train import CheckpointConfig
 from splitllama.errors import UsageError
 
@@ -90,3 +94,90 @@ def guard_save_dir(c: CheckpointConfig) -> None:
             f"this run resumes from {resumed} but {c.save} holds newer checkpoints "
             f"({', '.join(os.path.basename(p) for p in newer)}) that its saves would replace; "
             f"resume from {c.save} (its latest), or set checkpoint.overwrite=true")
+
+
+# ---- the resumed run's config against the checkpoint's saved job config ----------------------
+SCHEDULE_KEYS = ("optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters", "optimizer.lr_decay_style",
+                 "optimizer.weight_decay", "train.global_batch_size")
+"""What the restored LR scheduler keeps from the checkpoint unless checkpoint.override_opt_param_scheduler."""
+OPTIMIZER_STATE_KEYS = ("optimizer.optimizer", "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps")
+"""Restored with the optimizer state (its param groups): a change is refused (or a finetune)."""
+SAID_SECTIONS = ("train", "optimizer", "data")
+OVERRIDE = "checkpoint.override_opt_param_scheduler=true"
+
+
+def read_job_config(path: str) -> Optional[dict]:
+    """The saved job config of a checkpoint directory as a mapping (None when absent);
+    ValueError naming a corrupt one. Read with the config loader (no aliases, no duplicates)."""
+    p = os.path.join(path, dirs.JOB_CONFIG)
+    if not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            obj = yaml_load.load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: corrupt job config ({' '.join(str(e).split())})") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+        raise ValueError(f"{p}: corrupt job config: expected a mapping of sections")
+    return obj
+
+
+def _flat(d: dict) -> dict:
+    return {f"{sec}.{k}": v for sec, vals in d.items() if sec in SAID_SECTIONS for k, v in vals.items()}
+
+
+def _decay_iters(flat: dict) -> Optional[int]:
+    if flat.get("optimizer.lr_decay_iters"):
+        return flat["optimizer.lr_decay_iters"]
+    if flat.get("train.train_iters") is not None:
+        return flat["train.train_iters"]
+    samples, gbs = flat.get("train.train_samples"), flat.get("train.global_batch_size")
+    return -(-samples // gbs) if samples and gbs else None
+
+
+def reconcile_with_checkpoint(job: JobConfig, say: Callable[[str], None]) -> JobConfig:
+    """The job a resume runs, honest about what the checkpoint keeps. For every value that
+    differs from the checkpoint's saved job config (`checkpoint.load` resolved, not a finetune):
+    the LR schedule (`SCHEDULE_KEYS`) is refused unless checkpoint.override_opt_param_scheduler
+    (then applied and said); a decay length that only follows a changed train length keeps the
+    checkpoint's, written into optimizer.lr_decay_iters (said); optimizer-state values
+    (`OPTIMIZER_STATE_KEYS`) are refused; any other train/optimizer/data value applies and is
+    said, one line per key. The returned job is what runs and what the next save records."""
+    c = job.checkpoint
+    if not c.load or c.finetune:
+        return job
+    where = dirs.resolve(c.load)
+    saved = read_job_config(where)
+    if saved is None:
+        say(f"note: {where} has no {dirs.JOB_CONFIG}: this run's values cannot be compared with the "
+            f"checkpoint's; the LR schedule is the checkpoint's unless {OVERRIDE}")
+        return job
+    old, new = _flat(saved), _flat(job.to_dict())
+    changed = [k for k in new if k in old and old[k] != new[k] and not (
+        isinstance(old[k], (int, float)) and isinstance(new[k], (int, float)) and float(old[k]) == float(new[k]))]
+    refused = [k for k in changed if k in OPTIMIZER_STATE_KEYS]
+    if refused:
+        raise UsageError(f"resuming from {where}: {'; '.join(f'{k}: checkpoint {old[k]!r}, this run {new[k]!r}' for k in refused)}"
+                         f" is restored with the optimizer state and cannot change on resume; restore "
+                         f"the checkpoint's value, or start with checkpoint.finetune=true (weights only, fresh optimizer)")
+    schedule = [k for k in changed if k in SCHEDULE_KEYS]
+    old_decay, new_decay = _decay_iters(old), _decay_iters(new)
+    explicit_decay = "optimizer.lr_decay_iters" in job.explicit and old_decay != new_decay
+    if (schedule or explicit_decay) and not c.override_opt_param_scheduler:
+        keys = schedule + (["optimizer.lr_decay_iters"] if explicit_decay else [])
+        detail = "; ".join(f"{k}: checkpoint {old.get(k)!r}, this run {new.get(k)!r}" for k in keys)
+        raise UsageError(f"resuming from {where}: this run's learning-rate schedule differs from the "
+                         f"checkpoint's ({detail}); the checkpoint's schedule would run while this config "
+                         f"says otherwise: set {OVERRIDE} to apply this run's values, or restore them")
+    for k in changed:
+        how = f"applied: {OVERRIDE}" if k in SCHEDULE_KEYS else "this run's value applies"
+        say(f"resume: {k} {old[k]!r} (checkpoint) -> {new[k]!r} ({how})")
+    if old_decay != new_decay and old_decay is not None and not explicit_decay:
+        if c.override_opt_param_scheduler:
+            say(f"resume: the learning rate decays over this run's {new_decay} iterations "
+                f"(checkpoint: {old_decay}; {OVERRIDE})")
+        else:
+            say(f"resume: the learning rate keeps the checkpoint's decay over {old_decay} iterations "
+                f"(optimizer.lr_decay_iters={old_decay}); set {OVERRIDE} to decay over this run's {new_decay}")
+            job = dataclasses.replace(job, optimizer=dataclasses.replace(job.optimizer, lr_decay_iters=old_decay))
+    return job

@@ -45,6 +45,7 @@ class Runtime:
     trainable_params_global: int
     state: TrainState = field(default_factory=TrainState)
     train_iter: Optional[Iterator] = None
+    save_lock: Optional[object] = None  # rank 0's checkpoint.lock.DirLock of checkpoint.save (checked before saves)
 
     @property
     def job(self) -> JobConfig:
@@ -126,7 +127,9 @@ def build_runtime(plan: RunPlan) -> Runtime:
         lr_warmup_steps=warmup * tr.global_batch_size,
         lr_decay_steps=decay * tr.global_batch_size, lr_decay_style=opt.lr_decay_style,
         start_wd=opt.weight_decay, end_wd=opt.weight_decay,
-        wd_incr_steps=decay * tr.global_batch_size, wd_incr_style="constant")
+        wd_incr_steps=decay * tr.global_batch_size, wd_incr_style="constant",
+        override_opt_param_scheduler=job.checkpoint.override_opt_param_scheduler,  # resume.reconcile_with_checkpoint
+        use_checkpoint_opt_param_scheduler=not job.checkpoint.override_opt_param_scheduler)
 
     cfg = inner.config  # the config the schedule reads
     cfg.no_sync_func = ddp.no_sync

@@ -187,3 +187,79 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0(tmp_path):
     errors = _error_lines(p)
     assert p.returncode != 0 and errors == ["error: train.micro_batch_size must be >= 1, got 0"], p.stderr[-4000:]
     assert "splitllama/" not in p.stderr  # no frame of ours: torchrun's own summary only
+
+
+def _lrs(metrics: Path) -> dict[int, float]:
+    import json
+
+    out = {}
+    for ln in metrics.read_text().splitlines():
+        rec = json.loads(ln)
+        if "lr" in rec and "iteration" in rec:
+            out[rec["iteration"]] = rec["lr"]
+    return out
+
+
+def test_resume_that_changes_the_lr_schedule_or_batch_is_refused_or_applied_and_said(ckpt, tmp_path):
+    """Issue 20 point 2: a changed LR schedule (or global batch) on resume was accepted while the
+    checkpoint's lr kept running; now refused naming each key and the override, and with
+    checkpoint.override_opt_param_scheduler=true applied, said per key, and saved as run."""
+    base = ["train.train_iters=6", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}", "logging.log_interval=1"]
+    before = _digest(ckpt)
+    p = apprun.run(1, base + ["optimizer.lr=0.5", "optimizer.lr_decay_style=linear"], check=False)
+    lines = _error_lines(p)
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr[-2000:])
+    assert "optimizer.lr: checkpoint 0.01, this run 0.5" in lines[0]
+    assert "optimizer.lr_decay_style: checkpoint 'cosine', this run 'linear'" in lines[0]
+    assert "checkpoint.override_opt_param_scheduler=true" in lines[0]
+    p = apprun.run(1, base + ["train.global_batch_size=16"], check=False)
+    assert p.returncode == 2 and "train.global_batch_size: checkpoint 8, this run 16" in _error_lines(p)[0]
+    assert _digest(ckpt) == before
+    m = tmp_path / "m.jsonl"
+    p = apprun.run(1, base + ["optimizer.lr=0.5", "optimizer.lr_decay_style=linear", f"logging.metrics_file={m}",
+                              "checkpoint.override_opt_param_scheduler=true"])
+    assert "resume: optimizer.lr 0.01 (checkpoint) -> 0.5 (applied: checkpoint.override_opt_param_scheduler=true)" in p.stdout
+    assert "resume: optimizer.lr_decay_style 'cosine' (checkpoint) -> 'linear'" in p.stdout
+    lrs = _lrs(m)
+    assert sorted(lrs) == [5, 6] and max(lrs.values()) > 0.1, lrs  # the checkpoint's peak was 0.01
+    saved_job = (ckpt / "iter_0000006" / dirs.JOB_CONFIG).read_text()
+    assert "lr: 0.5" in saved_job and "lr_decay_style: linear" in saved_job
+
+
+def test_resume_with_a_longer_run_keeps_the_checkpoints_decay_and_says_so(ckpt, tmp_path):
+    """The decay length followed train_iters (lr_decay_iters null): the checkpoint's is kept,
+    written into the job (its saved config says lr_decay_iters: 4) and said."""
+    p = apprun.run(1, ["train.train_iters=6", f"checkpoint.save={ckpt}", f"checkpoint.load={ckpt}"])
+    assert "resume: train.train_iters 4 (checkpoint) -> 6 (this run's value applies)" in p.stdout
+    assert "keeps the checkpoint's decay over 4 iterations (optimizer.lr_decay_iters=4)" in p.stdout
+    assert "lr_decay_iters: 4" in (ckpt / "iter_0000006" / dirs.JOB_CONFIG).read_text()
+
+
+def test_latest_naming_a_path_outside_its_root_is_not_followed(ckpt, tmp_path):
+    """Issue 20 point 3: `latest` with an absolute path to another run's checkpoint."""
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    (ckpt / "latest").write_text(str(other / "iter_0000004") + "\n")
+    with pytest.raises(ValueError, match=r"which is not an iter_NNNNNNN directory of"):
+        dirs.resolve(str(ckpt))
+    (ckpt / "latest").write_text("../other/iter_0000004\n")
+    with pytest.raises(ValueError, match=r"'\.\./other/iter_0000004', which is not an iter_NNNNNNN"):
+        dirs.resolve(str(ckpt))
+
+
+def test_ctrl_c_saves_and_exits_130_without_a_traceback(tmp_path):
+    """Issue 20 point 4: SIGINT was a KeyboardInterrupt traceback with no checkpoint."""
+    ckpt, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    proc = apprun.start(1, ["train.train_iters=100000", f"checkpoint.save={ckpt}", f"logging.metrics_file={m}",
+                            "logging.log_interval=1"])
+    try:
+        apprun.wait_until(proc, lambda: len(apprun.losses(m)) >= 2)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert "[signal] SIGINT: checkpoint saved at iteration" in out
+    assert dirs.is_complete(str(ckpt / (ckpt / "latest").read_text().strip()))

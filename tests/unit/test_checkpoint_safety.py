@@ -335,3 +335,36 @@ def test_lock_without_flock_detects_a_stale_holder(tmp_path, monkeypatch):
     (root / ".lock").write_text(f"otherhost {os.getpid()} 2026-01-01T00:00:00\n")
     with pytest.raises(CheckpointDirLocked, match=r"host otherhost, pid \d+.*no flock, so if that run is dead remove"):
         DirLock(str(root)).acquire()
+
+
+# ---- issue 20 point 5: nothing written for a refused run; a deleted directory loses the lock --
+def test_refused_run_leaves_no_save_dir_nor_lock(tmp_path, monkeypatch, capsys):
+    """Was: a config refused after the lock (here by the divisibility check of the resolve step)
+    left checkpoint.save created with a .lock in it."""
+    from splitllama.training import app, signals
+
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SPLITLLAMA_TRACEBACK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(signals, "install", lambda: None)
+    save = tmp_path / "new" / "ck"
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    rc = app.main(["--config", tiny, f"checkpoint.save={save}", "train.global_batch_size=6"])
+    assert rc == 2 and "global_batch_size 6 is not divisible" in capsys.readouterr().err
+    assert not save.exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep")
+    assert app.main(["--config", tiny, f"checkpoint.save={existing}", "train.global_batch_size=6"]) == 2
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # its own files stay, no .lock
+
+
+def test_lock_is_lost_when_its_directory_is_deleted(tmp_path):
+    lock = DirLock(str(tmp_path / "ck")).acquire()
+    assert lock.held()
+    shutil.rmtree(tmp_path / "ck")
+    assert not lock.held()
+    os.makedirs(tmp_path / "ck")
+    second = DirLock(str(tmp_path / "ck")).acquire()  # a second writer gets a fresh lock ...
+    assert second.held() and not lock.held()  # ... and the first run knows it lost its own
+    second.release()
+    lock.release()

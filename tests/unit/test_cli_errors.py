@@ -182,7 +182,12 @@ def test_truncated_idx_and_bin_are_named(tmp_path):
     prefix = str(tmp_path / "d_text_document")
     check_index_sizes(prefix)
     check_prefix(prefix, 16, "100,0,0")
-    os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 10)
+    with open(prefix + ".bin", "ab") as f:  # issue 20: a .bin longer than its .idx describes
+        f.write(b"\0" * 8)
+    with pytest.raises(ValueError, match=r"d_text_document\.bin does not belong to .*d_text_document\.idx: "
+                                         r"\d+ bytes, the index describes exactly \d+"):
+        check_prefix(prefix, 16, "100,0,0")
+    os.truncate(prefix + ".bin", os.path.getsize(prefix + ".bin") - 18)
     with pytest.raises(ValueError, match=r"d_text_document\.bin is truncated: \d+ bytes, .* needs \d+"):
         check_prefix(prefix, 16, "100,0,0")
     os.truncate(prefix + ".idx", os.path.getsize(prefix + ".idx") - 9)

@@ -124,4 +124,4 @@ def test_job_overrides_and_errors(tmp_path):
 def test_list_overrides():
     assert load_job_config(None, ["data.data_path=[data/a_text_document]"]).data.data_path == ["data/a_text_document"]
     assert load_job_config(None, ["data.data_path=0.3,a,0.7,b"]).data.data_path == ["0.3", "a", "0.7", "b"]
-    assert load_job_config(None, ['data.data_path=["x", "y"]']).data.data_path == ["x", "y"]
+    assert load_job_config(None, ['data.data_path=["x", "y", "z"]']).data.data_path == ["x", "y", "z"]

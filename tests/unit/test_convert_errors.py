@@ -69,6 +69,39 @@ def _corrupt_header(d: Path, name: str) -> None:
     p.write_bytes(bytes(raw))
 
 
+def _edit_header(d: Path, name: str, edit) -> None:
+    """Rewrite the safetensors header of the shard holding `name` with `edit(header)` applied."""
+    import struct
+
+    p = _shard_of(d, name)
+    raw = p.read_bytes()
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + hlen])
+    edit(header)
+    new = json.dumps(header).encode()
+    p.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + hlen:])
+
+
+def _negative_offsets(h: dict) -> None:
+    name = next(k for k in h if k != "__metadata__")
+    b, e = h[name]["data_offsets"]
+    h[name]["data_offsets"] = [b - 2 ** 20, e - 2 ** 20]
+
+
+def _overlapping_offsets(h: dict) -> None:
+    names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    a, b = next((x, y) for x, y in zip(names, names[1:]) if h[x]["dtype"] == h[y]["dtype"]
+                and h[x]["shape"] == h[y]["shape"])
+    h[b]["data_offsets"] = list(h[a]["data_offsets"])  # b reads a's bytes
+
+
+def _index_path(d: Path, name: str, target: str) -> None:
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    data["weight_map"][name] = target
+    idx.write_text(json.dumps(data))
+
+
 Q4, LM = "model.layers.4.self_attn.q_proj.weight", "lm_head.weight"
 CASES = {  # name: (which source to break, mutation, (N, M), expected message)
     "missing_tensor_in_index": ("upper", lambda d: _drop_from_index(d, Q4), (2, 3),
@@ -92,6 +125,17 @@ CASES = {  # name: (which source to break, mutation, (N, M), expected message)
                              r"upper: .*config\.json is not a LLaMA config: model_type is 'mistral'"),
     "non_llama_fields": ("lower", lambda d: _edit_json(d / "config.json", hidden_size=None, n_embd=64), (2, 3),
                          r"lower: .*config\.json: not a LLaMA-style config, missing fields \['hidden_size'\]"),
+    # issue 20 point 3 (were: read /etc/passwd as a header; accepted overlaps; a traceback)
+    "index_path_outside": ("upper", lambda d: _index_path(d, LM, "../../../../etc/passwd"), (2, 3),
+                           r"index\.json maps lm_head\.weight to '\.\./\.\./\.\./\.\./etc/passwd', which is not a file name inside"),
+    "index_path_absolute": ("upper", lambda d: _index_path(d, LM, "/etc/passwd"), (2, 3),
+                            r"maps lm_head\.weight to '/etc/passwd', which is not a file name inside"),
+    "negative_offsets": ("upper", lambda d: _edit_header(d, LM, _negative_offsets), (2, 3),
+                         r"corrupt safetensors header entry for .*: offsets \[-\d+, -?\d+\]"),
+    "overlapping_offsets": ("upper", lambda d: _edit_header(d, Q4, _overlapping_offsets), (2, 3),
+                            r"corrupt safetensors header: tensors .* and .* overlap"),
+    "nan_weight": ("upper", lambda d: _rewrite(d, Q4, torch.full((128, 128), float("nan"))), (2, 3),
+                   r"upper: tensor model\.layers\.4\.self_attn\.q_proj\.weight in .* holds \d+ NaN/Inf values"),
     "no_safetensors": ("lower", lambda d: [os.remove(p) for p in d.glob("model*")], (2, 3),
                        r"has neither model\.safetensors\.index\.json nor model\.safetensors"),
 }

@@ -81,8 +81,8 @@ def test_precision_and_recompute():
     r = resolve(tiny("train.recompute_granularity=full", "train.recompute_method=block",
                      "train.recompute_num_layers=2"), 1, on_cpu=True).recompute
     assert (r.method, r.num_layers) == ("block", 2)
-    r = resolve(tiny("train.recompute_granularity=selective", "train.recompute_method=block"), 1, on_cpu=True).recompute
-    assert (r.granularity, r.method, r.num_layers) == ("selective", None, None)
+    with pytest.raises(ValueError, match=r"train.recompute_method='block' needs train.recompute_granularity=full"):
+        tiny("train.recompute_granularity=selective", "train.recompute_method=block")  # refused, not ignored
     assert resolve(tiny(), 1, on_cpu=True).recompute.granularity is None
 
 

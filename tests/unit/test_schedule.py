@@ -50,7 +50,8 @@ def _chain():
     """The tiny model's chain with the synthetic profile times of test_measured_profile."""
     from tests.unit.test_measured_profile import _job, _profile
 
-    job = _job("model.num_layers_lower=6", "model.num_layers_upper=4")
+    job = _job("model.lower={'preset': 'tiny_lower', 'num_hidden_layers': 6}", "model.num_layers_lower=6",
+               "model.num_layers_upper=4")  # a 6-layer lower block (6 of tiny_lower's 4 is refused at load)
     prof = _profile(job)
     return units_from_profile(prof, job.model), stage_overhead(prof)
 
