@@ -34,14 +34,18 @@ def dry_run_plan(argv: Sequence[str], world_size: int):
     return resolve(job, world_size, on_cpu=False)
 
 
-def planner_peaks(plan) -> list[float]:
-    """The planner's predicted peak bytes per stage of `plan`'s layout (its own unit costs)."""
+def planner_stages(plan):
+    """The planner's costing (`StagePlan`) of `plan`'s layout, on the run's own unit costs."""
     from splitllama.config.resolve import units_for_job
     from splitllama.pipeline.plan import evaluate
 
     units = plan.split.units if plan.split is not None else units_for_job(plan.job, plan.dp)
-    costed = evaluate(plan.layout, units, plan.pp, None, plan.num_microbatches)
-    return [s.memory_total for s in costed.stages]
+    return evaluate(plan.layout, units, plan.pp, None, plan.num_microbatches)
+
+
+def planner_peaks(plan) -> list[float]:
+    """The planner's predicted peak bytes per stage of `plan`'s layout."""
+    return [s.memory_total for s in planner_stages(plan).stages]
 
 
 def measure_stages(argv: Sequence[str], world_size: int, pp: int,
@@ -63,10 +67,9 @@ def measure_stages(argv: Sequence[str], world_size: int, pp: int,
 
 def report(plan, stages: list[dict]) -> dict:
     """The ``--json`` document: layout, job shape and one entry per stage."""
-    peaks = planner_peaks(plan)
-    texts = str(plan.layout).split("|")
-    for k, s in enumerate(stages):
-        s.update(stage=k, units=texts[k] if k < len(texts) else "", planner_peak_gib=peaks[k] / GiB)
+    costed = planner_stages(plan).stages
+    for k, s in enumerate(stages):  # units: the stage's layout text, E / H = embedding / head
+        s.update(stage=k, units=costed[k].units, planner_peak_gib=costed[k].memory_total / GiB)
     par = plan.job.parallel
     return {"layout": str(plan.layout), "world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp,
             "dp": plan.dp, "num_microbatches": plan.num_microbatches,
@@ -82,7 +85,7 @@ def table(doc: dict) -> str:
             f"x DP{doc['dp']} | seq {doc['seq_length']} x mb {doc['micro_batch_size']}, "
             f"{doc['num_microbatches']} micro-batches | recompute {doc['recompute']} | {doc['dtype']}"
             f"{' + SP' if doc['sequence_parallel'] else ''} (GiB per GPU)")
-    cols = ("stage", "rank", "units", "in-flight", "params", "params", "grads", "optimizer",
+    cols = ("stage", "rank", "units", "in-flight", "params", "weights", "grads", "optimizer",
             "activations", "peak", "planner", "diff")
     rows = [cols]
     for s in doc["stages"]:
