@@ -8,7 +8,10 @@ Example:
 Prints, per stage, the units, parameters, GFLOPs, predicted time share and memory by kind for
 the planned, uniform and params-balanced splits (plus an explicit ``--layout`` or the config's
 ``parallel.pipeline_layout``), the bottleneck/ideal ratio and the predicted 1F1B bubble.
-``--json`` prints one JSON object instead. Exit status 1 when the planner finds no split that
+``--json`` prints one JSON object instead. ``--memory-from dryrun`` then measures the planned
+layout (or ``--layout``) with the dry run (`splitllama.dryrun`: the real stages, DDP and
+optimizer on fake tensors at world size tp x pp x dp, minutes of CPU) and prints its per-stage
+table; a stage over the budget by the dry run's peak is exit status 1. Exit status 1 when the planner finds no split that
 fits the memory budget (the message names the smallest stage memory achievable); 2, with one
 ``error:`` line, for a config the training run would refuse (e.g. --tp 3, --pp 9, --seq-length
 beyond max_position_embeddings).
@@ -52,6 +55,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--peak-tflops", type=float, default=Hardware.peak_flops / 1e12)
     p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--memory-from", choices=("model", "dryrun"), default="model",
+                   help="model: the analytic memory model (default); dryrun: also measure the chosen "
+                        "layout with the dry run (pretrain_splitllama.py --dry-run) and judge the "
+                        "budget by its peaks")
     p.add_argument("--profile", action="store_true", help="time the units on this device at the job's shapes "
                    "(under torchrun: at its TP), write the profile and plan from it (splitllama.planning.profile_cli)")
     p.add_argument("--profile-out", default=None, help="where --profile writes (default: parallel.profile_file)")
@@ -137,12 +144,33 @@ def _main(argv: list[str] | None = None) -> int:
         for name, msg in errors.items():
             print(f"error ({name}): {msg}", file=sys.stderr)
         return 1
+    if args.memory_from == "dryrun":
+        chosen = results.get("explicit") or results["planned"]
+        return _dry_run(args, extra, str(chosen.layout), dp * pp * par.tensor_model_parallel_size)
     return 0
+
+
+def _dry_run(args: argparse.Namespace, extra: list[str], layout: str, world_size: int) -> int:
+    """The dry run of `layout` for the job of this command line (its table or JSON); 1 when a
+    stage's measured peak is over the budget."""
+    from splitllama.dryrun import run as dry_run
+
+    argv = (["--config", args.config] if args.config else []) + _overrides(args, extra) + \
+        [f"parallel.pipeline_layout={layout}"]
+    print()
+    return 1 if dry_run.run(argv, world_size, args.json) else 0
+
+
+def _refuse_search_dryrun(argv: list[str]) -> int:
+    raise ValueError("--memory-from is an option of a single plan (--pp/--tp/--dp), not of the --gpus "
+                     "search: dry-run a searched row with its printed command plus --dry-run --world-size G")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # whole-layout search
+        if any(a.startswith("--memory-from") for a in argv):
+            return cli_main(_refuse_search_dryrun, argv)
         from splitllama.planning.search_cli import main as search_main
         return search_main(argv)
     return cli_main(_main, argv)

@@ -21,15 +21,26 @@ Assumptions (change them here, in one place):
   the logits by ``tp``. Norm weights are replicated. Without sequence parallelism (SP) the
   LayerNorm/dropout-region activations and the p2p tensors stay full size; with SP they are
   divided by ``tp`` too (Korthikanti et al. 2022, Table 2).
-* Activations per transformer layer (bf16, Korthikanti et al.): no recompute
-  ``s*b*h*(34 + 5*a*s/h)`` bytes (with TP+SP: all over ``tp``; TP only:
-  ``s*b*h*(10 + 24/tp + 5*a*s/(h*tp))``); selective: the ``5as/h`` term vanishes; full: only
-  the layer input ``2*s*b*h`` is kept, plus one layer's full activations while it is recomputed
-  (``act_working_bytes``). The formula was derived for GPT (4h MLP, MHA); it is used here as the
-  documented estimate for LLaMA too. Head: norm + head inputs ``2*2*s*b*h`` and the logits
-  ``s*b*V*(2 + 4)`` (bf16 logits + fp32 softmax) over ``tp``. A critic (``model.head=value``)
-  has instead the replicated value head: ``2*s*b*(h+1)`` FLOPs on the rank's tokens (over
-  ``tp`` with SP), the norm weight plus ``h + 1`` head parameters, fp32 values ``4*s*b``.
+* Activations: the tensors autograd keeps from forward to backward, counted per saved tensor
+  for SplitLlama's own layer code (local spec, bf16, flash-style attention: no [s, s] scores)
+  and checked against the dry run (`splitllama.dryrun`, benchmarks/README.md). Per LLaMA layer
+  and token (``a*d`` = query width, ``g*d`` = KV width, ``f`` = FFN width), in bytes:
+  ``16h`` for the two RMSNorms (fp32 copy 4h + normalised bf16 2h, each) and the two GEMM
+  inputs they feed (2h each) — sequence-sharded with SP, else full —, plus, TP-sharded,
+  ``6ad + 6gd`` for attention (q and k after RoPE, the fused QKV output that v views, the
+  attention output) and ``10f`` for the gated MLP (fc1 output 4f, the two SwiGLU halves 4f,
+  the fc2 input 2f); RoPE's cos/sin tables ``8*s*d`` per layer. ``none`` adds the attention's
+  fp32 log-sum-exp ``4a`` (selective recomputation keeps the same q/k/v and output: with flash
+  attention it saves only that); ``full`` keeps the layer input ``2h`` and re-creates the layer
+  while it is recomputed (``act_working_bytes``). A layer's backward needs ``8f`` of transient
+  gradients (``act_working_bytes``). Head: final norm + head input ``8h`` (SP-sharded) and the
+  vocab-parallel cross-entropy's fp32 softmax ``4V`` (TP-sharded), with ``8V`` transient while
+  the loss and its gradient are computed. Embedding: the token ids and mask, ``9`` bytes/token.
+  (Korthikanti et al. 2022's ``34sbh`` is for a GPT layer with a 4h MLP and fused LayerNorm; TE's
+  fused RMSNorm and SwiGLU keep less than the local spec counted here.) A critic
+  (``model.head=value``) has instead the replicated value head: ``2*s*b*(h+1)`` FLOPs on the
+  rank's tokens (over ``tp`` with SP), the norm weight plus ``h + 1`` head parameters, fp32
+  values ``4*s*b``.
 * Model state per parameter: weights ``dtype_bytes``; gradients ``grad_dtype_bytes`` (fp32 main
   grads, Megatron's default for bf16); Adam state 12 bytes (fp32 master + m + v) with 2-byte
   params, 8 bytes (m + v) with fp32 params; divided by ``dp`` with the distributed optimizer
@@ -108,18 +119,20 @@ def _state_bytes(sharded: float, replicated: float, dtype_bytes: int, grad_dtype
 
 def _layer_activation_bytes(blk: LlamaBlockConfig, seq: int, b: int, tp: int, sp: bool,
                             recompute: Optional[str]) -> tuple[float, float]:
-    """(kept bytes, transient working bytes) of one transformer layer per microbatch."""
-    h, a = blk.hidden_size, blk.num_attention_heads
-    sbh = seq * b * h
-    if sp:
-        full = sbh * (34 + 5 * a * seq / h) / tp
-    else:
-        full = sbh * (10 + 24 / tp + 5 * a * seq / (h * tp))
+    """(kept bytes, transient working bytes) of one transformer layer per microbatch (see the
+    module docstring for the count)."""
+    h, d, f = blk.hidden_size, blk.kv_channels, blk.intermediate_size
+    q_width, kv_width = blk.num_attention_heads * d, blk.num_key_value_heads * d
+    sb = seq * b
+    grads = 8 * f * sb / tp  # transient input gradients of the gated MLP during backward
+    kept = (16 * h * sb / (tp if sp else 1) + (6 * q_width + 6 * kv_width + 10 * f) * sb / tp
+            + 8 * seq * d)
+    lse = 4 * blk.num_attention_heads * sb / tp
     if recompute == "full":
-        return 2 * sbh / (tp if sp else 1), full
+        return 2 * h * sb / (tp if sp else 1), kept + lse + grads
     if recompute == "selective":
-        return (34 * sbh / tp if sp else sbh * (10 + 24 / tp)), 0.0
-    return full, 0.0
+        return kept, grads
+    return kept + lse, grads
 
 
 def units_for(model_cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, dp: int = 1,
@@ -164,7 +177,7 @@ def units_for(model_cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, d
         return unit(f"{kind}.{i}", kind, fwd, 2 * fwd + extra, gemm, norms, act, blk.hidden_size, working)
 
     h_lo, h_up = lo.hidden_size, up.hidden_size
-    units = [unit("embedding", "embedding", 0.0, 0.0, vocab * h_lo, 0, 8.0 * tokens, h_lo,
+    units = [unit("embedding", "embedding", 0.0, 0.0, vocab * h_lo, 0, 9.0 * tokens, h_lo,
                   fwd_traffic=2 * tokens * h_lo * dtype_bytes / sp_div,
                   bwd_traffic=tokens * h_lo * (dtype_bytes + 2 * grad_dtype_bytes) / sp_div)]
     units += [layer(lo, "lower", i) for i in range(model_cfg.num_layers_lower)]
@@ -181,6 +194,6 @@ def units_for(model_cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, d
     logits = tokens * vocab / tp
     head_fwd = 2 * tokens * h_up * vocab / tp + 5 * logits  # GEMM + softmax/CE elementwise
     units.append(unit("head", "head", head_fwd, 2 * head_fwd, vocab * h_up, h_up,
-                      2 * 2 * tokens * h_up / sp_div + 6 * logits, 0,
+                      8 * tokens * h_up / sp_div + 4 * logits, 0, 8 * logits,
                       fwd_traffic=logits * (2 + 3 * 4), bwd_traffic=logits * (4 + 4 + 2)))
     return units

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from splitllama.config.cli import parse_train_args
+from splitllama.config.cli import dry_run_request, parse_train_args
 from splitllama import logs
 from splitllama.errors import cli_main
 from splitllama.platform.lifecycle import die_with_launcher
@@ -22,6 +22,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     die_with_launcher()  # under torchrun / the SLURM task wrapper: never outlive it
+    dry = dry_run_request(argv)
+    if dry is not None:  # no training: splitllama.dryrun (fake tensors, one process per stage)
+        from splitllama.dryrun import run as dry_run
+
+        logs.setup("-v" in (argv or []) or "--verbose" in (argv or []))
+        return dry_run.run(*dry)
     preemption = signals.install()  # first: a signal during start-up is honoured at the first step
     job = parse_train_args(argv)
     logs.setup(job.logging.verbose)

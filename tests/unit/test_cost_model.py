@@ -79,22 +79,37 @@ def test_backward_and_recompute():
         units_for(model(), 4096, 1, recompute="sometimes")
 
 
-def test_activation_bytes_korthikanti():
+def test_activation_bytes_saved_tensor_count():
+    """Hand count of what autograd keeps for one 70B layer (seq 4096, TP 8 + SP; 8B: TP 2, the
+    sizes the dry run listed per saved tensor): norms 2 x (fp32 copy + bf16 normalised), the two
+    GEMM inputs, q/k after RoPE, the fused QKV output, the attention output, the MLP's fc1
+    output, two SwiGLU halves and fc2 input, 4 RoPE tables."""
     s, b, tp = 4096, 1, 8
-    h, a = 8192, 64
-    sbh = s * b * h
+    h, a, g, d, f = 8192, 64, 8, 128, 28672
+    tok = s * b
     kw = dict(seq=s, micro_batch=b, tp=tp, sequence_parallel=True)
     none = by_name(units_for(model(), recompute=None, **kw))["upper.0"]
     sel = by_name(units_for(model(), recompute="selective", **kw))["upper.0"]
     full = by_name(units_for(model(), recompute="full", **kw))["upper.0"]
-    assert none.act_bytes_per_mb == pytest.approx(sbh * (34 + 5 * a * s / h) / tp)
-    assert sel.act_bytes_per_mb == pytest.approx(34 * sbh / tp)
-    assert full.act_bytes_per_mb == pytest.approx(2 * sbh / tp)
-    assert full.act_working_bytes == pytest.approx(none.act_bytes_per_mb)
+    norms_and_inputs = 2 * (4 * h + 2 * h) + 2 * (2 * h)  # per token, sequence-sharded
+    attention = 2 * a * d + 2 * g * d + 2 * (a * d + 2 * g * d) + 2 * a * d  # q, k, qkv, out
+    mlp = 2 * 2 * f + 2 * (2 * f) + 2 * f
+    rope = 4 * s * d * 2
+    kept = tok * (norms_and_inputs + attention + mlp) / tp + rope
+    assert sel.act_bytes_per_mb == pytest.approx(kept)
+    assert none.act_bytes_per_mb == pytest.approx(kept + 4 * a * tok / tp)  # + fp32 log-sum-exp
+    assert sel.act_working_bytes == pytest.approx(8 * f * tok / tp)
+    assert full.act_bytes_per_mb == pytest.approx(2 * h * tok / tp)
+    assert full.act_working_bytes == pytest.approx(none.act_bytes_per_mb + 8 * f * tok / tp)
+    # the dry run's saved tensors of one 8B layer at TP 2 + SP, seq 4096: 468 MiB + 4 MiB RoPE
+    lower = by_name(units_for(model(), s, b, 2, recompute="selective", sequence_parallel=True))["lower.0"]
+    assert lower.act_bytes_per_mb == pytest.approx(472 * 2 ** 20, rel=2e-3)
     tp_only = by_name(units_for(model(), s, b, tp, recompute="selective", sequence_parallel=False))
-    assert tp_only["upper.0"].act_bytes_per_mb == pytest.approx(sbh * (10 + 24 / tp))
+    assert tp_only["upper.0"].act_bytes_per_mb == pytest.approx(
+        tok * norms_and_inputs + tok * (attention + mlp) / tp + rope)
     head = by_name(units_for(model(), s, b, tp=1))["head"]
-    assert head.act_bytes_per_mb >= s * b * 128256 * 6
+    assert head.act_bytes_per_mb == pytest.approx(8 * tok * h + 4 * tok * 128256)
+    assert head.act_working_bytes == pytest.approx(8 * tok * 128256)
 
 
 def test_state_bytes_tp_dp_and_distributed_optimizer():

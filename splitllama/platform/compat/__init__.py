@@ -7,6 +7,7 @@ what it relies on as `REQUIRES` (checked by `platform.patching.check` before use
 - `model`: rope's llama3 scaling (megatron-core 0.16.1) and SDPA's kernel choice (torch 2.13.0)
 - `datasets`: ``torch.distributed.get_rank`` answered while Megatron's dataset builder runs
   without a process group (a reversible patch)
+- `fake`: fake tensors, a fake process group and the memory tracker of the dry run (torch 2.13.0)
 
 The CPU harness (`platform.cpu.PATCHES`) is the other, reversible, set.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 def requirements() -> tuple:
     """Every declared private target: the CPU harness's patches and the workarounds above."""
     from splitllama.platform import cpu
-    from splitllama.platform.compat import datasets, dcp, model, optim, writer_queue
+    from splitllama.platform.compat import datasets, dcp, fake, model, optim, writer_queue
 
     return (cpu.REQUIRES + cpu.PATCHES + optim.REQUIRES + writer_queue.REQUIRES + dcp.REQUIRES
-            + model.REQUIRES + datasets.REQUIRES)
+            + model.REQUIRES + datasets.REQUIRES + fake.REQUIRES + fake.PATCHES)
