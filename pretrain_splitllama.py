@@ -9,7 +9,7 @@
 """
 import sys
 
-from splitllama.training.entry import main  # --help answers before Megatron is imported
+from splitllama.entry import main  # --help answers before Megatron is imported
 
 if __name__ == "__main__":
     sys.exit(main())

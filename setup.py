@@ -40,7 +40,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "splitllama-train=splitllama.training.entry:main",
+            "splitllama-train=splitllama.entry:main",
             "splitllama-convert=splitllama.convert.cli:main",
         ],
         "vllm.general_plugins": ["splitllama=splitllama.vllm:register"],

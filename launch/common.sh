@@ -89,7 +89,7 @@ sl_tee_to() {
 }
 
 # Has process $1 installed a handler for SIGUSR1 (bit 9 of SigCgt in /proc/<pid>/status)?
-# The app does so first thing in splitllama/training/entry.py; before that a SIGUSR1 would kill it.
+# The app does so first thing in splitllama/entry.py; before that a SIGUSR1 would kill it.
 sl_handles_usr1() {
   local caught
   caught=$(awk '/^SigCgt:/{print $2}' "/proc/$1/status" 2>/dev/null)

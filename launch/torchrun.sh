@@ -20,7 +20,7 @@
 #                   CUDA_DEVICE_MAX_CONNECTIONS=1 and NCCL defaults, cpu uses gloo
 # KEY=VALUE arguments go to pretrain_splitllama.py after the ones this script adds, so they win.
 # SIGUSR1 / SIGTERM / SIGINT to this script: each training process gets SIGUSR1 (once it has installed
-# its handler, first thing in splitllama/training/entry.py; a signal caught during start-up is
+# its handler, first thing in splitllama/entry.py; a signal caught during start-up is
 # honoured at the first iteration), saves a checkpoint and exits 0; so does torchrun.
 # (Not sent to torchrun's agent: it would die of SIGUSR1, and its workers with it, unsaved, as they
 # die with their launcher: splitllama/platform/lifecycle.py.)

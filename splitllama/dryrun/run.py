@@ -17,8 +17,7 @@ import subprocess
 import sys
 from typing import Optional, Sequence
 
-from splitllama.dryrun.stage import GiB
-from splitllama.dryrun.worker import MARK
+from splitllama.dryrun.stage import MARK, GiB
 
 DRY_RUN_OVERRIDES = ("data.mock=true", "data.tokenizer_type=null")
 WORKER_TIMEOUT_S = 3600

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+MARK = "DRYRUN-JSON "  # the line prefix of a stage worker's result (splitllama.dryrun.worker)
 GiB = float(2 ** 30)
 
 

@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-MARK = "DRYRUN-JSON "
-
-
 def main(spec: str) -> int:
     from splitllama.dryrun.run import dry_run_plan
-    from splitllama.dryrun.stage import measure_stage
+    from splitllama.dryrun.stage import MARK, measure_stage
 
     args = json.loads(spec)
     plan = dry_run_plan(args["argv"], int(args["world_size"]))

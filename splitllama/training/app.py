@@ -147,7 +147,7 @@ def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], weight_consum
 
 
 def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
-    """Run a parsed job (after splitllama.training.entry's process set-up) and shut down.
+    """Run a parsed job (after splitllama.entry's process set-up) and shut down.
     `preemption`: the flag `signals.install()` returned (None: no signal is honoured).
     `weight_consumer(iteration, weights)`: an RL framework's callable, called on every rank every
     rl.sync_interval iterations with the live weights in HF export names (splitllama.rl.sync)."""

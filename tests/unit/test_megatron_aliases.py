@@ -52,7 +52,7 @@ def test_refused_with_the_key_to_use(argv, msg):
 
 
 def test_cli_error_is_one_line(capsys):
-    from splitllama.training.entry import main
+    from splitllama.entry import main
 
     assert main(["--config", "configs/tiny.yaml", "--num-layers", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
