@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from splitllama.errors import cli_main
-from splitllama.training import entry
+from splitllama import entry
 
 REPO = Path(__file__).resolve().parents[2]
 H_LO, H_UP, KV, F_LO, F_UP, VOCAB = 4096, 8192, 1024, 14336, 28672, 128256  # LLaMA-3 8B / 70B

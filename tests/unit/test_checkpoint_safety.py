@@ -126,7 +126,8 @@ def test_export_of_a_file_names_it(ckpt, tmp_path, capsys):
 
 
 def test_training_load_of_a_truncated_distcp_is_one_line(ckpt, capsys, monkeypatch):
-    from splitllama.training import entry, signals
+    from splitllama import entry
+    from splitllama.training import signals
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -17,7 +17,8 @@ from splitllama.config.model import PRESETS, ModelConfig
 from splitllama.data.datasets import check_index_sizes, check_prefix
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.errors import UsageError, cli_main, one_line
-from splitllama.training import app, entry, signals
+from splitllama import entry
+from splitllama.training import app, signals
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]

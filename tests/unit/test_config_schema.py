@@ -133,7 +133,7 @@ def test_refused_before_torch_and_megatron_are_imported(tmp_path):
     for c in bad:
         (tmp_path / c).mkdir()
     argvs = [CASES[c][0](tmp_path / c) for c in bad]
-    code = ("import json, sys\nfrom splitllama.training import entry\nrcs = [entry.main(a) for a in json.loads(sys.argv[1])]\n"
+    code = ("import json, sys\nfrom splitllama import entry\nrcs = [entry.main(a) for a in json.loads(sys.argv[1])]\n"
             "print(json.dumps({'rcs': rcs, 'heavy': sorted(m for m in ('torch', 'megatron') if m in sys.modules)}))")
     res = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
