@@ -73,7 +73,7 @@ def report(plan, stages: list[dict]) -> dict:
     return {"layout": str(plan.layout), "world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp,
             "dp": plan.dp, "num_microbatches": plan.num_microbatches,
             "seq_length": plan.job.data.seq_length, "micro_batch_size": plan.job.train.micro_batch_size,
-            "recompute": plan.recompute.granularity or "none", "sequence_parallel": plan.sequence_parallel,
+            "recompute": plan.recompute.granularity or "none", "sequence_parallel": plan.job.parallel.sequence_parallel,
             "dtype": "bf16" if plan.bf16 else "fp32", "memory_budget_gb": par.memory_budget_gb,
             "stages": [{"stage": s["stage"], **{k: v for k, v in s.items() if k != "stage"}} for s in stages]}
 

@@ -342,20 +342,21 @@ def test_lock_without_flock_detects_a_stale_holder(tmp_path, monkeypatch):
 def test_refused_run_leaves_no_save_dir_nor_lock(tmp_path, monkeypatch, capsys):
     """Was: a config refused after the lock (here by the divisibility check of the resolve step)
     left checkpoint.save created with a .lock in it."""
-    from splitllama.training import app, signals
+    from splitllama import entry
+    from splitllama.training import signals
 
     for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "SPLITLLAMA_TRACEBACK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(signals, "install", lambda: None)
     save = tmp_path / "new" / "ck"
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    rc = app.main(["--config", tiny, f"checkpoint.save={save}", "train.global_batch_size=6"])
+    rc = entry.main(["--config", tiny, f"checkpoint.save={save}", "train.global_batch_size=6"])
     assert rc == 2 and "global_batch_size 6 is not divisible" in capsys.readouterr().err
     assert not save.exists()
     existing = tmp_path / "mine"
     existing.mkdir()
     (existing / "notes.txt").write_text("keep")
-    assert app.main(["--config", tiny, f"checkpoint.save={existing}", "train.global_batch_size=6"]) == 2
+    assert entry.main(["--config", tiny, f"checkpoint.save={existing}", "train.global_batch_size=6"]) == 2
     assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]  # its own files stay, no .lock
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from splitllama.config import validate
 from splitllama.config.job import JobConfig, load_job_config
-from splitllama.training import app, signals
+from splitllama import entry
+from splitllama.training import signals
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]
@@ -102,7 +103,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_value_is_one_line_exit_2(case, tmp_path, capsys):
     make, pattern = CASES[case]
-    rc = app.main(make(tmp_path))
+    rc = entry.main(make(tmp_path))
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert rc == 2, (rc, out.err[-2000:])
