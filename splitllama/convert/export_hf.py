@@ -128,6 +128,19 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype,
         shutil.copyfile(here / name, out / name)
 
 
+def finish(tmp: Path, out: str, n_shards: int, total: int, weight_map: dict[str, str], cfg: ModelConfig,
+           dtype: torch.dtype, tok: Optional[export_tokenizer.LoadedTokenizer]) -> None:
+    """After the shards: the index (several shards), the tokenizer, config.json and the code into
+    `tmp`, then `tmp` renamed to `out`."""
+    if n_shards > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if tok is not None:
+        export_tokenizer.write(tok, tmp)
+    write_hf_config(tmp, cfg, dtype, None if tok is None else tok.ids)
+    os.replace(tmp, out)
+
+
 def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool = True,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: Optional[str] = None) -> ExportResult:
     """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`, with the
@@ -171,13 +184,7 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
                 bar.update(sum(t.numel() for t in tensors) * out_dtype.itemsize)
                 del full, tensors
             _close(f)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if tok is not None:
-            export_tokenizer.write(tok, tmp)
-        write_hf_config(tmp, cfg, out_dtype, None if tok is None else tok.ids)
-        os.replace(tmp, out)
+        finish(tmp, out, len(shards), total, weight_map, cfg, out_dtype, tok)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

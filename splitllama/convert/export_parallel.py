@@ -10,7 +10,6 @@ starts, so a bad input is one ``error:`` line from rank 0 and nothing is written
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -22,10 +21,10 @@ import torch
 from splitllama.convert import export_tokenizer
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.export_hf import (DEFAULT_MAX_SHARD_BYTES, ExportResult, _close, _header, _plan,
-                                          _write_tensor, model_config_of, write_hf_config)
+                                          _write_tensor, finish, model_config_of)
 from splitllama.convert.import_hf import DTYPES, prepare_out
 from splitllama.convert.progress import Progress
-from splitllama.convert.sources import INDEX_FILE, SINGLE_FILE, ConversionError
+from splitllama.convert.sources import SINGLE_FILE, ConversionError
 from splitllama.convert.stream import DEFAULT_BUCKET_BYTES, StreamStats, stream_hf_weights
 
 
@@ -133,13 +132,7 @@ def export_hf_parallel(ckpt: str, out: str, tp: int, pp: int, dtype: Optional[st
                 bar.update(t.numel() * out_dtype.itemsize)
             _close(f)
             f = None
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            if tok is not None:
-                export_tokenizer.write(tok, tmp)
-            write_hf_config(tmp, cfg, out_dtype, None if tok is None else tok.ids)
-            os.replace(tmp, out)
+            finish(tmp, out, len(shards), total, weight_map, cfg, out_dtype, tok)
         except BaseException:
             if f is not None:
                 f.close()

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from splitllama.checkpoint import dirs
 from splitllama.convert.sources import ConversionError
 
@@ -44,15 +42,11 @@ class SpecialIds:
 
 def _job_data_section(ckpt_dir: str) -> Optional[dict]:
     """The ``data`` section of the checkpoint's saved job, or None when it saved none."""
-    path = os.path.join(ckpt_dir, dirs.JOB_CONFIG)
-    if not os.path.isfile(path):
-        return None
     try:
-        with open(path) as f:
-            job = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise ConversionError(f"{path}: unreadable job config ({e})") from None
-    data = job.get("data") if isinstance(job, dict) else None
+        job = dirs.read_job_config(ckpt_dir)
+    except (OSError, ValueError) as e:
+        raise ConversionError(str(e)) from None
+    data = None if job is None else job.get("data")
     return data if isinstance(data, dict) else None
 
 
@@ -74,7 +68,7 @@ def choose(flag: Optional[str], ckpt_dir: str) -> TokenizerChoice:
     if not os.path.exists(model):
         raise ConversionError(f"{os.path.join(ckpt_dir, dirs.JOB_CONFIG)}: data.tokenizer_model {model} does not "
                               f"exist (from {os.getcwd()}); pass --tokenizer PATH")
-    return TokenizerChoice(model, f"data.tokenizer_model of the checkpoint's job")
+    return TokenizerChoice(model, "data.tokenizer_model of the checkpoint's job")
 
 
 @dataclass(frozen=True)

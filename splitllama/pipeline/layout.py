@@ -108,12 +108,7 @@ class PipelineLayout:
         if sum(units_per_stage) != len(chain):
             raise ValueError(f"stage sizes {units_per_stage} sum to {sum(units_per_stage)}, "
                              f"expected {len(chain)} units (N + 1 + M)")
-        stages, pos = [], 0
-        for n in units_per_stage:
-            part = chain[pos:pos + n]
-            pos += n
-            stages.append(Stage(part.count("L"), "A" in part, part.count("U")))
-        return cls(tuple(stages))
+        return cls(tuple(Stage(p.count("L"), "A" in p, p.count("U")) for p in _parts(chain, units_per_stage)))
 
     @classmethod
     def from_chain_counts(cls, units_per_stage: list[int], num_lower: int, num_upper: int,
@@ -127,11 +122,8 @@ class PipelineLayout:
                 units_per_stage[0] < 1 or units_per_stage[-1] < 1:
             raise ValueError(f"stage sizes {units_per_stage} must be >= 1 and sum to {len(chain)} "
                              f"units (embedding + N + 1 + M + head), got {sum(units_per_stage)}")
-        stages, pos = [], 0
-        for n in units_per_stage:
-            part = chain[pos:pos + n]
-            pos += n
-            stages.append(_stage(part.count("L"), "A" in part, part.count("U"), "E" in part, "H" in part))
+        stages = [_stage(p.count("L"), "A" in p, p.count("U"), "E" in p, "H" in p)
+                  for p in _parts(chain, units_per_stage)]
         if len(stages) > 1 and (stages[0].head or stages[-1].embedding):
             raise ValueError(f"stage sizes {units_per_stage} leave a stage without layers")
         return cls(tuple(stages))
@@ -232,3 +224,9 @@ class PipelineLayout:
             row = (["embedding"] if i == 0 else []) + ["decoder"] * n
             rows.append(row + (["loss"] if i == self.pp - 1 else []))
         return rows
+
+
+def _parts(chain: list[str], sizes: list[int]) -> list[list[str]]:
+    """`chain` cut into consecutive pieces of the given sizes."""
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    return [chain[e - n:e] for n, e in zip(sizes, ends)]

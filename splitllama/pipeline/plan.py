@@ -103,19 +103,20 @@ class StagePlan:
     def pp(self) -> int:
         return len(self.stages) // self.vpp
 
-    @property
-    def rank_times(self) -> list[float]:
+    def _per_rank(self, value) -> list[float]:
+        """Sum of `value(stage)` over each pipeline rank's chunks (chunk c on rank c mod pp)."""
         out = [0.0] * self.pp
         for c, s in enumerate(self.stages):
-            out[c % self.pp] += s.time_s
+            out[c % self.pp] += value(s)
         return out
 
     @property
+    def rank_times(self) -> list[float]:
+        return self._per_rank(lambda s: s.time_s)
+
+    @property
     def rank_memory(self) -> list[float]:
-        out = [0.0] * self.pp
-        for c, s in enumerate(self.stages):
-            out[c % self.pp] += s.memory_total
-        return out
+        return self._per_rank(lambda s: s.memory_total)
 
     @property
     def total_time(self) -> float:

@@ -18,10 +18,7 @@ import dataclasses
 import os
 from typing import Callable, Optional
 
-import yaml
-
 from splitllama.checkpoint import dirs
-from splitllama.config import yaml_load
 from splitllama.config.job import JobConfig
 from splitllama.config.train import CheckpointConfig
 from splitllama.errors import UsageError
@@ -106,22 +103,6 @@ SAID_SECTIONS = ("train", "optimizer", "data")
 OVERRIDE = "checkpoint.override_opt_param_scheduler=true"
 
 
-def read_job_config(path: str) -> Optional[dict]:
-    """The saved job config of a checkpoint directory as a mapping (None when absent);
-    ValueError naming a corrupt one. Read with the config loader (no aliases, no duplicates)."""
-    p = os.path.join(path, dirs.JOB_CONFIG)
-    if not os.path.isfile(p):
-        return None
-    try:
-        with open(p) as f:
-            obj = yaml_load.load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: corrupt job config ({' '.join(str(e).split())})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
-        raise ValueError(f"{p}: corrupt job config: expected a mapping of sections")
-    return obj
-
-
 def _flat(d: dict) -> dict:
     return {f"{sec}.{k}": v for sec, vals in d.items() if sec in SAID_SECTIONS for k, v in vals.items()}
 
@@ -147,7 +128,7 @@ def reconcile_with_checkpoint(job: JobConfig, say: Callable[[str], None]) -> Job
     if not c.load or c.finetune:
         return job
     where = dirs.resolve(c.load)
-    saved = read_job_config(where)
+    saved = dirs.read_job_config(where)
     if saved is None:
         say(f"note: {where} has no {dirs.JOB_CONFIG}: this run's values cannot be compared with the "
             f"checkpoint's; the LR schedule is the checkpoint's unless {OVERRIDE}")

@@ -78,7 +78,8 @@ def _save_like_training(model, cfg, root: str) -> None:
     dist.barrier()
 
 
-def run_case(case: dict, tokens: torch.Tensor) -> None:
+def load_case_model(case: dict, dtype: torch.dtype = torch.float32):
+    """SplitLlamaModel at the case's (TP, PP, layout), filled from its torch_dist checkpoint: (model, its config)."""
     from megatron.core import parallel_state as ps
 
     from splitllama.checkpoint import dirs
@@ -98,8 +99,17 @@ def run_case(case: dict, tokens: torch.Tensor) -> None:
     cfg = ModelConfig(**dirs.read_json(dirs.resolve(case["ckpt"]), dirs.MODEL_CONFIG))
     cfg.transformer_impl = "local"
     plan = PipelineLayout.parse(case["layout"]) if case.get("layout") else None
-    model = build_model(cfg, parallel, Numerics(use_cpu_initialization=True), plan).model.eval()
+    numerics = Numerics(params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=True)
+    model = build_model(cfg, parallel, numerics, plan).model.eval()
     load_model_weights(model, case["ckpt"], strict="raise_all")
+    return model, cfg
+
+
+def run_case(case: dict, tokens: torch.Tensor) -> None:
+    from megatron.core import parallel_state as ps
+
+    model, cfg = load_case_model(case)
+    tp, pp = case["tp"], case["pp"]
     with torch.no_grad():
         logits = _forward(model, tokens, pp)
     if logits is not None:

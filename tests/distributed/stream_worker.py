@@ -19,28 +19,10 @@ def run_case(case: dict) -> None:
     from megatron.core import parallel_state as ps
     from safetensors.torch import save_file
 
-    from splitllama.checkpoint import dirs
-    from splitllama.checkpoint.model_io import load_model_weights
-    from splitllama.config.model import ModelConfig
-    from splitllama.config.parallel import ParallelConfig
     from splitllama.convert.stream import StreamStats, stream_hf_weights
-    from splitllama.model.build import build_model
-    from splitllama.model.megatron_config import Numerics
-    from splitllama.pipeline.layout import PipelineLayout
-    from splitllama.platform.dist import init_distributed
+    from tests.distributed.convert_worker import load_case_model
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    tp, pp = case["tp"], case["pp"]
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(parallel)
-    cfg = ModelConfig(**dirs.read_json(dirs.resolve(case["ckpt"]), dirs.MODEL_CONFIG))
-    cfg.transformer_impl = "local"
-    dtype = getattr(torch, case.get("dtype", "float32"))
-    plan = PipelineLayout.parse(case["layout"]) if case.get("layout") else None
-    model = build_model(cfg, parallel, Numerics(params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                                                use_cpu_initialization=True), plan).model.eval()
-    load_model_weights(model, case["ckpt"], strict="raise_all")
+    model, _ = load_case_model(case, getattr(torch, case.get("dtype", "float32")))
     stats = StreamStats()
     names, tensors = [], {}
     for name, t in stream_hf_weights([model], bucket_bytes=case["bucket_bytes"], stats=stats):

@@ -9,10 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from tests import apprun
 from tests.launch import REPO
 
 pytestmark = pytest.mark.distributed
@@ -36,17 +36,8 @@ def test_torchrun_sh_pp2_signal_and_resume(tmp_path):
     log = run_dir / "train.log"
 
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    try:
-        while not any(i >= 3 for i in _iterations(log.read_text() if log.exists() else "")):
-            assert first.poll() is None, f"torchrun.sh ended early:\n{first.stdout.read()[-5000:]}"
-            assert time.time() - t0 < 120, "no iteration 3 within 120 s"
-            time.sleep(0.2)
-        first.send_signal(signal.SIGUSR1)
-        out, _ = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    out, _ = apprun.signal_when(first, lambda: any(i >= 3 for i in _iterations(log.read_text() if log.exists() else "")),
+                                signal.SIGUSR1, "iteration 3", timeout=120)
     assert first.returncode == 0, out[-5000:]
     assert f"run dir: {run_dir}" in out
     assert re.search(r"^pipeline layout: \S+\|\S+ \| tp=1 pp=2 dp=1 ", out, re.M), out[-5000:]

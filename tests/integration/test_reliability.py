@@ -252,13 +252,8 @@ def test_ctrl_c_saves_and_exits_130_without_a_traceback(tmp_path):
     ckpt, m = tmp_path / "ck", tmp_path / "m.jsonl"
     proc = apprun.start(1, ["train.train_iters=100000", f"checkpoint.save={ckpt}", f"logging.metrics_file={m}",
                             "logging.log_interval=1"])
-    try:
-        apprun.wait_until(proc, lambda: len(apprun.losses(m)) >= 2)
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, _ = apprun.signal_when(proc, lambda: len(apprun.losses(m)) >= 2, signal.SIGINT, "two logged iterations",
+                                timeout=300)
     assert proc.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
     assert "[signal] SIGINT: checkpoint saved at iteration" in out

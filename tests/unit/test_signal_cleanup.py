@@ -14,12 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
+from tests import apprun
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,18 +83,8 @@ def test_preprocess_sigterm_removes_its_partial_files(tmp_path):
            "--workers", "2", "--no-progress"]
     proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    try:
-        t0 = time.time()
-        while not any(".tmp" in p for p in os.listdir(tmp_path)):
-            assert proc.poll() is None, f"ended before writing (exit {proc.returncode}): {proc.communicate()}"
-            assert time.time() - t0 < 180, "no temporary output appeared within 180 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _, err = apprun.signal_when(proc, lambda: any(".tmp" in p for p in os.listdir(tmp_path)), signal.SIGTERM,
+                                "temporary output", timeout=180, poll=0.05)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "error: terminated by signal 15" in err
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
