@@ -3,10 +3,16 @@
 :func:`register` (``splitllama.vllm``) puts :class:`SplitLlamaConfigCheck` into vLLM's per-architecture config hook
 table, which ``VllmConfig.__post_init__`` consults (``try_verify_and_update_config``) in the process that creates the
 engine, before any worker starts or any memory is allocated. So ``LLM(model=EXPORT, tensor_parallel_size=4)``
-on a block that TP=4 does not split raises one ``ValueError`` in about a second instead of failing after engine
+on a block that TP=4 does not split raises one :class:`TensorParallelSizeError` in about a second instead of failing after engine
 start-up inside worker tracebacks. The model's constructor runs the same check again (other vLLM versions).
 """
 from __future__ import annotations
+
+
+class TensorParallelSizeError(RuntimeError):
+    """``tensor_parallel_size`` does not fit a block. Not a ``ValueError`` on purpose: vLLM's config is a pydantic
+    dataclass, and pydantic rewraps a ``ValueError`` raised in ``__post_init__`` into a multi-line
+    ``ValidationError``; this one reaches the caller unchanged."""
 
 
 def _block_problems(name: str, cfg: dict, tp: int) -> list[str]:
@@ -35,15 +41,19 @@ def tensor_parallel_problems(hf_config, tp: int) -> list[str]:
 
 
 def check_tensor_parallel(hf_config, tp: int) -> None:
-    """Raise one ``ValueError`` naming each block, value and the TP size when ``tp`` does not fit."""
+    """Raise one :class:`TensorParallelSizeError` naming each block, value and the TP size when ``tp`` does not fit."""
     problems = tensor_parallel_problems(hf_config, tp)
     if problems:
-        raise ValueError(f"tensor_parallel_size={tp} does not fit this SplitLlama export: " + "; ".join(problems))
+        raise TensorParallelSizeError(f"tensor_parallel_size={tp} does not fit this SplitLlama export: " + "; ".join(problems))
 
 
 class SplitLlamaConfigCheck:
     """vLLM's per-architecture config hook (the ``verify_and_update_config`` protocol of
     ``vllm.model_executor.models.config.MODELS_CONFIG_MAP``): refuses a TP size that does not fit, changes nothing."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        """Called by ``ModelConfig`` before the parallel config exists: nothing to check yet."""
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load
 
 from splitllama.hf.build import split_from_llamas, tiny_llama_configs, tiny_llama_from_config
-from splitllama.vllm.fit import check_tensor_parallel, tensor_parallel_problems
+from splitllama.vllm.fit import TensorParallelSizeError, check_tensor_parallel, tensor_parallel_problems
 from splitllama.vllm.sync import WeightSync, sync_weights
 from splitllama.vllm.weights import UnknownWeightError, export_shapes, vllm_module_of
 
@@ -95,7 +95,7 @@ def test_tensor_parallel_fit():
     heads_lo, heads_up = lo["num_attention_heads"], up["num_attention_heads"]
     assert tensor_parallel_problems(model.config, 1) == [] and tensor_parallel_problems(model.config, 2) == []
     tp = heads_lo * 2 if heads_lo * 2 <= heads_up else heads_up * 2
-    with pytest.raises(ValueError, match=f"tensor_parallel_size={tp} does not fit") as e:
+    with pytest.raises(TensorParallelSizeError, match=f"tensor_parallel_size={tp} does not fit") as e:
         check_tensor_parallel(model.config, tp)
     assert f"num_attention_heads={min(heads_lo, heads_up)} is not divisible by {tp}" in str(e.value)
     problems = tensor_parallel_problems(model.config, 3)

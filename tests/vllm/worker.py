@@ -142,12 +142,14 @@ def run_tp_refusal(export: str, out: Path, tp: int) -> None:
 
     from vllm import LLM
 
+    from splitllama.vllm.fit import TensorParallelSizeError
+
     t0 = time.perf_counter()
     try:
         LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp, max_model_len=128,
             kv_cache_memory_bytes=32 << 20)
         error = None
-    except ValueError as e:
+    except TensorParallelSizeError as e:
         error = str(e)
     (out / "refusal.json").write_text(json.dumps({"error": error, "seconds": time.perf_counter() - t0}))
 
