@@ -5,7 +5,7 @@
                      [--head lm|value] [--value-head-init zeros|normal] --out CKPT
     lm-to-critic     --ckpt LM_CKPT --out CKPT [--value-head-init zeros|normal] [--seed S]
     import-hf-split  DIR --out CKPT [--dtype ...]      (a seed CustomSplitLLamaForCausalLM checkpoint)
-    export-hf        --ckpt CKPT --out DIR [--dtype ...] [--max-shard-size GB]
+    export-hf        --ckpt CKPT --out DIR [--dtype ...] [--max-shard-size GB] [--tokenizer PATH]
     inspect          CKPT|DIR
 
 Bad inputs print one ``error: ...`` line naming the file / tensor / field and exit with 2,
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="new HF directory (must not exist)")
     exp.add_argument("--dtype", default=None, choices=dtypes[1:], help="default: the checkpoint's")
     exp.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard")
+    exp.add_argument("--tokenizer", default=None,
+                     help="tokenizer.json file or HF tokenizer directory written into the export (default: "
+                          "data.tokenizer_model of the checkpoint's training job, when an HF tokenizer)")
     exp.add_argument("--no-progress", action="store_true")
 
     ins = sub.add_parser("inspect", help="print keys, shapes, dtypes, sizes and config")
@@ -108,9 +111,9 @@ def run(args: argparse.Namespace) -> str:
         from splitllama.convert.export_hf import export_hf
 
         r = export_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
-                      max_shard_bytes=int(args.max_shard_size * 1024 ** 3))
+                      max_shard_bytes=int(args.max_shard_size * 1024 ** 3), tokenizer=args.tokenizer)
         return (f"wrote {r.path}: {r.tensors} tensors, {fmt_bytes(r.bytes_written)} in {len(r.files)} "
-                f"file(s), {r.seconds:.1f} s")
+                f"file(s), {r.seconds:.1f} s\n{r.tokenizer}")
     from splitllama.convert.inspect_ckpt import inspect
 
     return inspect(args.path)

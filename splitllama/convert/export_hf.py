@@ -24,6 +24,7 @@ from typing import BinaryIO, Optional
 import torch
 
 from splitllama.config.model import SEED_ARCHITECTURES, ModelConfig
+from splitllama.convert import export_tokenizer
 from splitllama.convert.dist_reader import DistCheckpoint
 from splitllama.convert.import_hf import DTYPES, prepare_out
 from splitllama.convert.keys import schema
@@ -41,6 +42,7 @@ class ExportResult:
     bytes_written: int
     tensors: int
     seconds: float
+    tokenizer: str  # one line: which tokenizer the export carries (or why none)
 
 
 def model_config_of(dist_ckpt: DistCheckpoint) -> ModelConfig:
@@ -99,8 +101,10 @@ def _close(f: Optional[BinaryIO]) -> None:
         f.close()
 
 
-def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
-    """config.json (seed schema + auto_map), generation_config.json and the modeling code."""
+def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype,
+                    special: Optional[export_tokenizer.SpecialIds] = None) -> None:
+    """config.json (seed schema + auto_map), generation_config.json (with the tokenizer's bos /
+    eos / pad ids when the export carries one) and the modeling code."""
     from transformers import GenerationConfig
 
     from splitllama.hf import build
@@ -115,20 +119,27 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype) -> None:
     hf_cfg.architectures = [SEED_ARCHITECTURES[cfg.head]]
     hf_cfg.dtype = _TORCH_DTYPE_NAMES[dtype]
     hf_cfg.save_pretrained(out)
-    GenerationConfig.from_model_config(hf_cfg).save_pretrained(out)
+    gen = GenerationConfig.from_model_config(hf_cfg)
+    if special is not None:
+        gen.bos_token_id, gen.eos_token_id, gen.pad_token_id = special.bos, special.eos, special.pad
+    gen.save_pretrained(out)
     here = Path(build.__file__).resolve().parent
     for name in build._CODE_FILES:
         shutil.copyfile(here / name, out / name)
 
 
 def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool = True,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportResult:
-    """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`."""
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tokenizer: Optional[str] = None) -> ExportResult:
+    """Export checkpoint `ckpt` (root or iter_ dir) to the HF split-model directory `out`, with the
+    tokenizer `tokenizer` (a tokenizer.json or HF tokenizer directory; default: the one the
+    checkpoint's training job used, if an HF tokenizer; see ``export_tokenizer``)."""
     t0 = time.perf_counter()
     out = prepare_out(out)
     dist_ckpt = DistCheckpoint(ckpt)
     dist_ckpt.verify()  # every data file the metadata names is there, with its bytes
     cfg = model_config_of(dist_ckpt)
+    tok_choice = export_tokenizer.choose(tokenizer, dist_ckpt.path)
+    tok = export_tokenizer.load(tok_choice, cfg.vocab_size)  # refused here, before anything is written
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     out_dtype = DTYPES[dtype] if dtype else dist_ckpt.dtype("embedding.word_embeddings.weight")
@@ -163,11 +174,14 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        write_hf_config(tmp, cfg, out_dtype)
+        if tok is not None:
+            export_tokenizer.write(tok, tmp)
+        write_hf_config(tmp, cfg, out_dtype, None if tok is None else tok.ids)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         bar.close()
-    return ExportResult(out, names, total, len(weight_map), time.perf_counter() - t0)
+    return ExportResult(out, names, total, len(weight_map), time.perf_counter() - t0,
+                        export_tokenizer.describe(tok_choice, tok))

@@ -148,6 +148,11 @@ class HuggingFaceTokenizer(Tokenizer):
         self.eod = int(eos)
         self.bos = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
 
+    @property
+    def hf_tokenizer(self):
+        """The underlying transformers tokenizer (what an HF export saves)."""
+        return self._tok
+
     def tokenize(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False))
 

@@ -99,6 +99,11 @@ def test_readme_first_hour_block(first_hour, llama3_tokenizer):
     assert "resumed from" in out and out.count("resumed from") == 1
     # export + generate(): 8 new tokens after the prompt
     assert (work / "hf" / "config.json").is_file()
+    # the export carries the run's tokenizer (data.tokenizer_model of the checkpoint's job)
+    assert f"tokenizer: {llama3_tokenizer} (data.tokenizer_model of the checkpoint's job)" in out
+    gen_cfg = json.loads((work / "hf" / "generation_config.json").read_text())
+    assert (gen_cfg["bos_token_id"], gen_cfg["eos_token_id"], gen_cfg["pad_token_id"]) == (128000, 128001, 128001)
+    assert (work / "hf" / "tokenizer.json").is_file()
     gen = re.search(r"^generated: (\[[\d, ]+\])", out, re.M)
     assert gen and len(json.loads(gen.group(1))) == len(
         HuggingFaceTokenizer(llama3_tokenizer).tokenize("Story 1: the quick")) + 8
