@@ -75,13 +75,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def _run(python: str, *args, env: dict | None = None, timeout: int = 420) -> float:
+def _run(python: str, *args, env: dict | None = None, timeout: int = 1200, output: bool = False):
+    """Run worker.py in ``python``; returns its seconds, or (with ``output``) its stdout + stderr."""
     t0 = time.perf_counter()
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.run([python, str(WORKER), *map(str, args)], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=str(ROOT))
     assert proc.returncode == 0, f"worker {args[:1]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return time.perf_counter() - t0
+    return proc.stdout + proc.stderr if output else time.perf_counter() - t0
 
 
 def _llama3_tokenizer() -> str:
