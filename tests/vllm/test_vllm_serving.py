@@ -157,7 +157,7 @@ def setup(tmp_path_factory):
     # the critic export: the trained body (float32, before any float64 reference runs) and a random value head
     critic = critic_from_causal_lm(exports[True][1], init="normal", seed=5)
     exports["critic"] = (save_pretrained_with_code(critic, tmp / "export_critic"), critic)
-    tok = AutoTokenizer.from_pretrained(exports[True][0])
+    tok = AutoTokenizer.from_pretrained(exports[True][0], trust_remote_code=True)
     # text prompts, tokenized by the export's tokenizer; near-ties of either export's greedy steps left out
     prompts = []
     for text in CANDIDATE_PROMPTS:
@@ -232,7 +232,7 @@ def test_vllm_greedy_equals_transformers_generate(setup, tp, pp, mlp):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(export)
+    tok = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
     assert got["prompt_ids"] == prompts, "vLLM tokenized the text prompts differently from the export's tokenizer"
     hf = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
     for p, tokens, text, logprobs in zip(prompts, got["tokens"], got["text"], got["logprobs"]):
