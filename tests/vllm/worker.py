@@ -9,7 +9,7 @@
         # one engine on export A, then rollout weight syncs (splitllama.vllm.sync) of export B's safetensors
         -> sync.json {names, phases: {phase: {tokens, top5}}, errors: {case: message}, calls}
     python worker.py tp-refusal EXPORT_DIR OUT_DIR PROMPTS_JSON MAX_NEW TP
-        -> refusal.json {error, seconds}: LLM(...) with a TP size that does not fit a block
+        -> refusal.json {error, seconds, cpu_seconds}: LLM(...) with a TP size that does not fit a block
 
 Imports only torch / transformers / vllm (not splitllama: the export must load on its own; the vLLM plugin is
 found through its entry point), except the sync mode, which drives the plugin's public ``splitllama.vllm.sync``. The ``__main__`` guard is required: vLLM spawns its engine process.
@@ -139,20 +139,26 @@ def run_sync(export_a: str, out: Path, prompts: list[list[int]], max_new: int, t
 
 
 def run_tp_refusal(export: str, out: Path, tp: int) -> None:
+    import resource
     import time
 
     from vllm import LLM
 
     from splitllama.vllm.fit import TensorParallelSizeError
 
-    t0 = time.perf_counter()
+    def cpu() -> float:  # CPU seconds of this process and its finished children (load-independent, unlike wall time)
+        return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+                   for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+    t0, c0 = time.perf_counter(), cpu()
     try:
         LLM(model=export, dtype="float32", enforce_eager=True, tensor_parallel_size=tp, max_model_len=128,
             kv_cache_memory_bytes=32 << 20)
         error = None
     except TensorParallelSizeError as e:
         error = str(e)
-    (out / "refusal.json").write_text(json.dumps({"error": error, "seconds": time.perf_counter() - t0}))
+    (out / "refusal.json").write_text(json.dumps({"error": error, "seconds": time.perf_counter() - t0,
+                                                  "cpu_seconds": cpu() - c0}))
 
 
 def main(argv: list[str]) -> None:
