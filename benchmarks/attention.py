@@ -35,6 +35,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
     sys.path.insert(0, REPO)
+from benchmarks.results_file import write_result  # noqa: E402
 
 SCALED = dict(hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=2,
               num_hidden_layers=1, vocab_size=512)
@@ -322,10 +323,7 @@ def main(argv=None) -> int:
               "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(),
               "args": vars(a), **kept, "layer": rows, "mix": mix}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
+    write_result(result, out, indent=1)
     shutdown()
     return 0
 

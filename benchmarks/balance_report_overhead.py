@@ -34,6 +34,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):
     sys.path.insert(0, REPO)
+from benchmarks.results_file import write_result  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 LAYOUT = "L2,A,U2|U1"
@@ -67,7 +68,7 @@ def run(on: bool, iters: int, tmp: str, tag: str) -> tuple[list[float], list[flo
 def direct(step_s: float, num_microbatches: int) -> dict:
     from splitllama.config.job import load_job_config
     from splitllama.pipeline.balance import analyze
-    from splitllama.config.resolve import units_for_job
+    from splitllama.preflight.resolve import units_for_job
     from splitllama.training.stage_timers import StageTimers
 
     t, n = StageTimers(cuda=False), 20000
@@ -140,10 +141,7 @@ def main() -> None:
     print(f"{'overhead share at log_interval=1':<40}{d['overhead_share_of_step']:>14.4%}")
     print(f"{'overhead share at log_interval=10':<40}"
           f"{d['timers_share_of_step'] + d['report_s_median'] / 10 / off_med:>14.4%}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"\nwrote {a.out}")
+    write_result(res, a.out, lead="\n")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.results_file import write_result  # noqa: E402
 
 from splitllama.config.model import PRESETS  # noqa: E402
 
@@ -219,10 +220,7 @@ def _report(r: dict, path: str) -> None:
     rows.append(("machine load (1-min average) at the end", f"{r['load_avg_1min']:.1f} on {os.cpu_count()} cores"))
     w = max(len(a) for a, _ in rows)
     print("\n".join(f"{a.ljust(w)}  {b}" for a, b in rows))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(r, f, indent=2, sort_keys=True)
-    print(f"wrote {path}")
+    write_result(r, path, sort_keys=True)
 
 
 if __name__ == "__main__":

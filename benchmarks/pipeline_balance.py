@@ -34,6 +34,7 @@ from typing import Optional
 
 if __package__ in (None, ""):  # allow running without PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.results_file import write_result  # noqa: E402
 
 from splitllama.config.model import ModelConfig  # noqa: E402
 from splitllama.pipeline.cost import units_for  # noqa: E402
@@ -277,10 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"({name[-1]}) not run")
         else:
             print(fmt(result[name]))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(result, args.out)
     return 0
 
 

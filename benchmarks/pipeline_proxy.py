@@ -10,7 +10,7 @@ optimizer cost, which does not move with the split, was a third of the step):
              70B/8B layer ratio is 3.9x), so uniform (L4|A,U4) has predicted bottleneck/ideal
              ~1.7. (N=6, M=6 at upper 512, the first version, reached only 1.46, and on this box
              uniform/profile measured 1.08.)
-ONE unit profile per proxy is taken first (`splitllama.pipeline.profile`, 1 thread, as each PP
+ONE unit profile per proxy is taken first (`splitllama.planning.profile`, 1 thread, as each PP
 process runs, at PP=2 so host contention is measured) and reused by every run of the proxy
 (the profile arm's runs load it with parallel.pipeline_split=profile, they do not re-profile).
 This box's speed drifts by 10-30 % over minutes (other tenants of the host; two profiles a
@@ -105,7 +105,7 @@ def run_proxy(yaml_path: str, overrides: list[str], iters: int, metrics: str) ->
 def take_profile(yaml_path: str, out: str, reps: int) -> float:
     """Profile at PP=2 (the host contention of two stage processes is measured too)."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", yaml_path,
+    p = subprocess.run([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", yaml_path,
                         "--profile-out", out, "--reps", str(reps),
                         f"parallel.pipeline_model_parallel_size={PART_C['pp']}"], cwd=REPO,
                        env=child_env(PART_C["threads_per_proc"]), capture_output=True, text=True)
@@ -117,7 +117,7 @@ def take_profile(yaml_path: str, out: str, reps: int) -> float:
 def predict_layout(yaml_path: str, profile_path: str, proxy: str, layout: str) -> float:
     """Predicted step time of ``layout`` from the profile at ``profile_path`` (measured-cost model)."""
     from splitllama.config.job import load_job_config
-    from splitllama.config.resolve import num_microbatches
+    from splitllama.preflight.resolve import num_microbatches
     from splitllama.pipeline.measured import job_key, load_profile, stage_overhead, units_from_profile
     from splitllama.pipeline.plan import evaluate
 
@@ -138,7 +138,7 @@ def predictions(yaml_path: str, profile_path: str, proxy: str, arms) -> dict:
     """Per arm: the layout the app will build and its predicted step time (measured-cost model),
     plus the analytic (H100) prediction for reference."""
     from splitllama.config.job import load_job_config
-    from splitllama.config.resolve import num_microbatches, stage_plan, units_for_job
+    from splitllama.preflight.resolve import num_microbatches, stage_plan, units_for_job
     from splitllama.pipeline.measured import calibrate, job_key, load_profile, stage_overhead, units_from_profile
     from splitllama.pipeline.plan import evaluate, plan
 

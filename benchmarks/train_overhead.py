@@ -44,6 +44,7 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # allow running without PYTHONPATH
     sys.path.insert(0, REPO)
+from benchmarks.results_file import write_result  # noqa: E402
 
 CONFIG = "configs/tiny.yaml"
 # Bigger than the tiny test default (seq 64, mbs 4) so one step takes a few hundred ms and
@@ -124,7 +125,7 @@ def bare_worker(overrides: list[str], iters: int, out: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from splitllama.config.job import load_job_config
-    from splitllama.config.resolve import resolve
+    from splitllama.preflight.resolve import resolve
     from splitllama.data.datasets import build_datasets
     from splitllama.data.iterator import build_data_iterator
     from splitllama.data.tokenizers import build_tokenizer
@@ -230,7 +231,7 @@ def profile_worker(overrides: list[str], iters: int, warmup: int, out: str) -> N
     from splitllama.platform.dist import shutdown
     from splitllama.training import loop
     from splitllama.training.app import setup_data
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 
@@ -397,10 +398,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["profile"] = run_profile(overrides, args.iters, args.warmup, args.threads, tmp)
     res["loadavg_end"] = os.getloadavg()
     print(format_table(res))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(res, args.out)
     return 0
 
 

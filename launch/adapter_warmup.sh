@@ -36,14 +36,7 @@ PIPELINE_DIR=${PIPELINE_DIR:-$RUN_ROOT/$PIPELINE_NAME-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$PIPELINE_DIR"
 PIPELINE_DIR=$(cd "$PIPELINE_DIR" && pwd)
 
-SB=() OV=()
-if printf '%s\n' "$@" | grep -qx -- '--'; then
-  while [ $# -gt 0 ] && [ "$1" != "--" ]; do SB+=("$1"); shift; done
-  shift
-  OV=("$@")
-else
-  SB=("$@")
-fi
+sl_split_dashdash "$@" || SB=("$@")
 read -r -a WARM_EXTRA <<<"${WARMUP_OVERRIDES:-}"
 read -r -a TRAIN_EXTRA <<<"${TRAIN_OVERRIDES:-}"
 

@@ -109,3 +109,13 @@ sl_abs_paths() {
     export "${v?}"
   done
 }
+
+# Split "$@" at a lone "--": sbatch options before it into the array SB, training overrides
+# after it into OV. Without a "--" both stay empty and the status is 1 (the caller decides).
+sl_split_dashdash() {
+  SB=() OV=()
+  printf '%s\n' "$@" | grep -qx -- '--' || return 1
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do SB+=("$1"); shift; done
+  shift
+  OV=("$@")
+}

@@ -19,12 +19,7 @@ export RUN_ROOT=${RUN_ROOT:-$SPLITLLAMA_HOME/runs}
 export CONFIG=${CONFIG:-configs/tiny.yaml}
 SCRIPT=${SBATCH_SCRIPT:-$HERE/slurm.sbatch}
 
-SB=() OV=()
-if printf '%s\n' "$@" | grep -qx -- '--'; then
-  while [ $# -gt 0 ] && [ "$1" != "--" ]; do SB+=("$1"); shift; done
-  shift
-  OV=("$@")
-else
+if ! sl_split_dashdash "$@"; then
   for a in "$@"; do
     if [[ $a =~ ^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z0-9_.]+= ]]; then OV+=("$a"); else SB+=("$a"); fi
   done

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from splitllama.launch_env import rank as launch_rank
+
 TRACEBACK_ENV = "SPLITLLAMA_TRACEBACK"
 EXIT_USAGE = 2
 EXIT_DISK_FULL = 1
@@ -26,10 +28,6 @@ EXIT_DISK_FULL = 1
 
 class UsageError(Exception):
     """Bad input (a config value, a file, an argument); the message names it."""
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
 
 
 def _chain(exc: BaseException):
@@ -85,7 +83,7 @@ def report(exc: BaseException) -> int:
     """Print `exc` as an input error (rank 0 only) and return its exit status."""
     code = input_error_code(exc)
     assert code is not None
-    if _rank() == 0:
+    if launch_rank() == 0:
         if os.environ.get(TRACEBACK_ENV) == "1":
             import traceback
 
@@ -100,7 +98,7 @@ def cli_main(fn: Callable[..., Optional[int]], *args, **kwargs) -> int:
         return fn(*args, **kwargs) or 0
     except Exception as e:  # noqa: BLE001 - classified below; unexpected ones re-raise
         if input_error_code(e) is None:
-            if _rank() != 0:
+            if launch_rank() != 0:
                 time.sleep(1.0)  # let rank 0's traceback come first
             raise
         return report(e)

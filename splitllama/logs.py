@@ -21,9 +21,10 @@ Known noise (megatron-core 0.16, torch 2.13):
 from __future__ import annotations
 
 import logging
-import os
 import re
 import warnings
+
+from splitllama.launch_env import rank as launch_rank
 
 NOISY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"Transformer Engine and Apex are not installed"),
@@ -41,19 +42,11 @@ class _DropMockIndexWarning(logging.Filter):
         return not _MOCK_INDEX_WARNING.search(record.getMessage())
 
 
-def global_rank() -> int:
-    """This process's rank from the launcher's environment (before torch.distributed starts)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 def setup(verbose: bool = False) -> None:
     """Configure logging for a run; call before Megatron-Core is imported."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SplitLlama's own INFO lines ("resumed from ...") once, from rank 0; warnings from every rank
-    logging.getLogger("splitllama").setLevel(logging.INFO if global_rank() == 0 else logging.WARNING)
+    logging.getLogger("splitllama").setLevel(logging.INFO if launch_rank() == 0 else logging.WARNING)
     datasets_log = logging.getLogger("megatron.core.datasets.gpt_dataset")
     for f in [f for f in datasets_log.filters if isinstance(f, _DropMockIndexWarning)]:
         datasets_log.removeFilter(f)

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # allow `python tools/plan_pipeline.py` without P
 from splitllama.config.cli import config_parser  # noqa: E402
 from splitllama.config.job import load_job_config, normalize_argv  # noqa: E402
 from splitllama.errors import cli_main  # noqa: E402
-from splitllama.config.resolve import check_model, check_parallel, split_inputs  # noqa: E402
+from splitllama.preflight.resolve import check_model, check_parallel, split_inputs  # noqa: E402
 from splitllama.pipeline.cost import Hardware  # noqa: E402
 from splitllama.pipeline.plan import evaluate, params_balanced, plan, uniform  # noqa: E402
 from splitllama.pipeline.report import format_plan, format_side_by_side, plan_to_dict, summary_line  # noqa: E402
@@ -45,12 +45,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--recompute", choices=("none", "selective", "full"), default=None)
     p.add_argument("--memory-gb", type=float, default=None,
                    help="per-GPU memory budget in GiB (default: parallel.memory_budget_gb; 0: none)")
+    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per rank: plan interleaved "
+                   "1F1B over pp x vpp chunks, chunk c on rank c %% pp (the uniform / params-balanced "
+                   "baselines stay non-interleaved; an explicit --layout then lists pp x vpp chunks)")
     p.add_argument("--layout", default=None, help='explicit layout to cost, e.g. "L18|L14,A,U1|U4|U3"')
     p.add_argument("--peak-tflops", type=float, default=Hardware.peak_flops / 1e12)
     p.add_argument("--efficiency", type=float, default=Hardware.flops_efficiency)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--profile", action="store_true", help="time the units on this device at the job's shapes "
-                   "(under torchrun: at its TP), write the profile and plan from it (splitllama.pipeline.profile_cli)")
+                   "(under torchrun: at its TP), write the profile and plan from it (splitllama.planning.profile_cli)")
     p.add_argument("--profile-out", default=None, help="where --profile writes (default: parallel.profile_file)")
     p.add_argument("--gpus", type=int, default=None, help="search TP, PP, DP, micro-batch and "
                    "recompute for G GPUs instead (see --gpus G --help)")
@@ -83,26 +86,32 @@ def _main(argv: list[str] | None = None) -> int:
     check_parallel(job, par.tensor_model_parallel_size * par.pipeline_model_parallel_size * dp)
     tr.check_values()
     check_model(job)
-    if args.profile or par.profile_file:  # measured costs: splitllama/pipeline/profile_cli.py
-        from splitllama.pipeline.profile_cli import run as run_profile
+    if args.vpp != 1 and (args.profile or par.profile_file):
+        raise ValueError("--vpp is not supported with --profile / parallel.profile_file (the profile "
+                         "planner models the non-interleaved schedule)")
+    if args.profile or par.profile_file:  # measured costs: splitllama/planning/profile_cli.py
+        from splitllama.planning.profile_cli import run as run_profile
         return run_profile(job, dp, args.profile, args.profile_out, args.json)
     hw = Hardware(peak_flops=args.peak_tflops * 1e12, flops_efficiency=args.efficiency)
     s = split_inputs(job, dp, hw)
     units, pp, m, budget = s.units, s.pp, s.num_microbatches, s.memory_budget
 
     results, errors = {}, {}
-    makers = {"planned": lambda: plan(units, pp, "1f1b", budget, m),
+    vpp = args.vpp
+    if vpp < 1:
+        raise ValueError(f"--vpp must be >= 1, got {vpp}")
+    makers = {"planned": lambda: plan(units, pp, "1f1b", budget, m, vpp=vpp),
               "uniform": lambda: uniform(units, pp, budget, m),
               "params_balanced": lambda: params_balanced(units, pp, budget, m)}
     if par.pipeline_layout:
-        makers["explicit"] = lambda: evaluate(par.pipeline_layout, units, pp, budget, m)
+        makers["explicit"] = lambda: evaluate(par.pipeline_layout, units, pp, budget, m, vpp=vpp)
     for name, make in makers.items():
         try:
             results[name] = make()
         except ValueError as e:
             errors[name] = str(e)
 
-    setup = {"config": args.config, "pp": pp, "tp": par.tensor_model_parallel_size, "dp": dp,
+    setup = {"config": args.config, "pp": pp, "vpp": vpp, "tp": par.tensor_model_parallel_size, "dp": dp,
              "sequence_parallel": par.sequence_parallel, "seq_length": job.data.seq_length,
              "micro_batch_size": tr.micro_batch_size, "global_batch_size": tr.global_batch_size,
              "num_microbatches": m, "recompute": tr.recompute_granularity,
@@ -134,7 +143,7 @@ def _main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--gpus" or a.startswith("--gpus=") for a in argv):  # whole-layout search
-        from splitllama.pipeline.search_cli import main as search_main
+        from splitllama.planning.search_cli import main as search_main
         return search_main(argv)
     return cli_main(_main, argv)
 

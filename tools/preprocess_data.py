@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from splitllama import logs
-from splitllama.data.config import TOKENIZER_TYPES
+from splitllama.config.data import TOKENIZER_TYPES
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.errors import cli_main
 

@@ -14,8 +14,9 @@ import yaml
 
 from splitllama.config.model import ModelConfig
 from splitllama.config.parallel import ParallelConfig
+from splitllama.config.rl import RLConfig
 from splitllama.config.train import CheckpointConfig, LoggingConfig, OptimizerConfig, TrainConfig
-from splitllama.data.config import DataConfig
+from splitllama.config.data import DataConfig
 
 
 @dataclass
@@ -36,6 +37,8 @@ class JobConfig:
     """Checkpoints."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """RL hand-off: weight syncs of the live model."""
     explicit: set = field(default_factory=set, repr=False, compare=False)
     """Dotted keys set by the YAML file or the command line (bookkeeping, not a config section)."""
 

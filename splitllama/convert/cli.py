@@ -6,6 +6,7 @@
     lm-to-critic     --ckpt LM_CKPT --out CKPT [--value-head-init zeros|normal] [--seed S]
     import-hf-split  DIR --out CKPT [--dtype ...]      (a seed CustomSplitLLamaForCausalLM checkpoint)
     export-hf        --ckpt CKPT --out DIR [--dtype ...] [--max-shard-size GB] [--tokenizer PATH]
+                     [--tp T --pp P]   (under torchrun: loads the checkpoint sharded, streams it)
     inspect          CKPT|DIR
 
 Bad inputs print one ``error: ...`` line naming the file / tensor / field and exit with 2,
@@ -14,13 +15,14 @@ leaving no output directory. ``--adapter-init lstsq`` (fit on activations) is de
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import sys
 from typing import Optional
 
 from splitllama import logs
 from splitllama.convert.progress import fmt_bytes
-from splitllama.errors import cli_main
+from splitllama.errors import UsageError, cli_main
+from splitllama.platform.lifecycle import terminate_unwinds
 
 
 VALUE_INIT_HELP = ("critic value head: zeros (weight and bias 0) or normal (weight ~ N(0, 0.02^2) "
@@ -72,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="tokenizer.json file or HF tokenizer directory written into the export (default: "
                           "data.tokenizer_model of the checkpoint's training job, when an HF tokenizer)")
     exp.add_argument("--no-progress", action="store_true")
+    exp.add_argument("--tp", type=int, default=None, help="sharded export under torchrun: tensor-parallel size "
+                     "the checkpoint is loaded at (splitllama.convert.stream; no rank holds the whole model)")
+    exp.add_argument("--pp", type=int, default=None, help="sharded export under torchrun: pipeline-parallel size")
 
     ins = sub.add_parser("inspect", help="print keys, shapes, dtypes, sizes and config")
     ins.add_argument("path")
@@ -107,9 +112,22 @@ def run(args: argparse.Namespace) -> str:
 
         return _summary_import(import_hf_split(args.dir, args.out, dtype=args.dtype,
                                                progress=not args.no_progress))
+    if args.cmd == "export-hf" and (args.tp, args.pp) != (None, None):
+        from splitllama.convert.export_parallel import export_hf_parallel
+
+        r = export_hf_parallel(args.ckpt, args.out, args.tp or 1, args.pp or 1, dtype=args.dtype,
+                               progress=not args.no_progress, max_shard_bytes=int(args.max_shard_size * 1024 ** 3),
+                               tokenizer=args.tokenizer)
+        if int(os.environ.get("RANK", "0") or 0) != 0:
+            return ""  # rank 0 reports
+        return (f"wrote {r.path}: {r.tensors} tensors, {fmt_bytes(r.bytes_written)} in {len(r.files)} "
+                f"file(s), {r.seconds:.1f} s (streamed from TP={args.tp or 1} x PP={args.pp or 1})\n{r.tokenizer}")
     if args.cmd == "export-hf":
         from splitllama.convert.export_hf import export_hf
 
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise UsageError("export-hf under torchrun needs --tp/--pp (the sharded export); without them run it "
+                             "in one process")
         r = export_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
                       max_shard_bytes=int(args.max_shard_size * 1024 ** 3), tokenizer=args.tokenizer)
         return (f"wrote {r.path}: {r.tensors} tensors, {fmt_bytes(r.bytes_written)} in {len(r.files)} "
@@ -122,14 +140,11 @@ def run(args: argparse.Namespace) -> str:
 def _main(argv: Optional[list[str]]) -> int:
     args = _parser().parse_args(argv)
     logs.setup(args.verbose)
-    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds: partial outputs are removed
-    print(run(args))
+    with terminate_unwinds():  # SIGTERM unwinds: partial outputs are removed; handler restored after
+        msg = run(args)
+    if msg:
+        print(msg)
     return 0
-
-
-def _terminate(signum, frame) -> None:
-    print(f"error: terminated by signal {signum}; removing the partial output", file=sys.stderr, flush=True)
-    raise SystemExit(128 + signum)  # unwinds through the writers' cleanup
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -152,7 +152,7 @@ def export_hf(ckpt: str, out: str, dtype: Optional[str] = None, progress: bool =
     weight_map: dict[str, str] = {}
     todo = [(fname, key, m, parts) for fname, shard in zip(names, shards) for key, m, parts in shard]
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)  # missing parent folders too (prepare_out checked the path)
         with ThreadPoolExecutor(1) as pool:  # reads the next tensor while this one is written
             ahead = pool.submit(dist_ckpt.read, todo[0][1])
             f: Optional[BinaryIO] = None

@@ -167,14 +167,18 @@ def _out_dtype(dtype: str, ckpt: HFCheckpoint, name: str) -> torch.dtype:
 
 
 def prepare_out(out: str) -> str:
-    """`out` as an absolute path that does not exist yet (its parent does); the `OUT.tmp-<pid>`
-    debris of a conversion killed earlier (its pid gone) is removed, a live one refused."""
+    """`out` as an absolute path that does not exist yet (missing parent folders are created
+    when writing starts, after every input check; an ancestor that is a file is refused); the
+    `OUT.tmp-<pid>` debris of a conversion killed earlier (its pid gone) is removed, a live one
+    refused."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise ConversionError(f"output {out} already exists; choose a new path")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise ConversionError(f"output parent directory {parent} does not exist")
+    ancestor = os.path.dirname(out)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConversionError(f"output {out}: {ancestor} is a file, not a directory")
     for debris in sorted(glob.glob(glob.escape(out) + ".tmp-*")):
         pid = debris.rsplit("-", 1)[-1]
         if pid.isdigit() and pid_alive(int(pid)):

@@ -78,6 +78,13 @@ class Mapping(ABC):
             return shards[0]
         return torch.cat(list(shards), dim=self.tp_axis)
 
+    def shard_views(self, full: torch.Tensor, tp: int, rank: int) -> list[torch.Tensor]:
+        """Views of `full` where TP rank `rank`'s slice lives: ``torch.cat(views, tp_axis)``
+        equals `shard(full, tp, rank)` (the live-model stream gathers shards in place)."""
+        if tp == 1 or self.tp_axis is None:
+            return [full]
+        return [full.chunk(tp, dim=self.tp_axis)[rank]]
+
 
 @dataclass(frozen=True)
 class Copy(Mapping):
@@ -135,6 +142,12 @@ class GatedFC1(Mapping):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
 
+    def shard_views(self, full: torch.Tensor, tp: int, rank: int) -> list[torch.Tensor]:
+        if tp == 1:
+            return [full]
+        gate, up = full.chunk(2, dim=0)
+        return [gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]]
+
 
 @dataclass(frozen=True)
 class QKV(Mapping):
@@ -166,6 +179,11 @@ class QKV(Mapping):
         if tp > 1 and self.groups % tp:
             raise ValueError(f"{self.mcore}: {self.groups} KV groups not divisible by TP {tp}")
         return super().shard(full, tp, rank)
+
+    def shard_views(self, full: torch.Tensor, tp: int, rank: int) -> list[torch.Tensor]:
+        if tp > 1 and self.groups % tp:
+            raise ValueError(f"{self.mcore}: {self.groups} KV groups not divisible by TP {tp}")
+        return super().shard_views(full, tp, rank)
 
 
 # ---- the table --------------------------------------------------------------------------------

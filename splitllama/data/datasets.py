@@ -14,20 +14,17 @@ every rank computes the same indices from the same seed, so the data is determin
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
-from collections.abc import Iterator
 from typing import Any
-from unittest import mock
 
 import numpy
-import torch
 from torch.utils.data import Dataset
 
-from splitllama.data.config import DataConfig, parse_blend
+from splitllama.config.data import DataConfig, parse_blend
 from splitllama.data.helpers import ensure_helpers
 from splitllama.data.tokenizers import Tokenizer
+from splitllama.platform.compat.datasets import rank_zero_without_process_group
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -122,7 +119,7 @@ def build_datasets(
     )
     sizes = [train_samples, eval_samples, test_samples]
     builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank, config)
-    with _rank_zero_without_process_group():
+    with rank_zero_without_process_group():
         train, valid, test = builder.build()
     if train is not None and train_samples > 0 and len(train) < global_batch_size:
         raise ValueError(
@@ -163,18 +160,6 @@ def build_packed_datasets(cfg: DataConfig, seq: int, sizes: list[int], seed: int
         eod = tokenizer.eod if cfg.eod_mask_loss else None
         out.append(PackedDocumentDataset(source, docs, seq, n, seed + i, eod=eod))
     return tuple(out)
-
-
-@contextlib.contextmanager
-def _rank_zero_without_process_group() -> Iterator[None]:
-    """megatron-core 0.16.1's BlendedDataset calls ``torch.distributed.get_rank()`` when it writes
-    its index cache, even with no process group (single-process runs with ``cache_dir`` set
-    crash). Only while no process group exists, answer rank 0 for the duration of the build."""
-    if torch.distributed.is_initialized():
-        yield
-        return
-    with mock.patch.object(torch.distributed, "get_rank", lambda group=None: 0):
-        yield
 
 
 _IDX_HEADER = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8

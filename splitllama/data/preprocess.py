@@ -4,7 +4,11 @@ One JSON object per line; the text under ``json_key`` becomes one document (a li
 there is taken as the document's token ids, unchanged). Lines are tokenized in a
 ``multiprocessing.Pool`` (``imap`` keeps input order, so any worker count gives identical
 files) and written with megatron.core's ``IndexedDatasetBuilder``. Output goes to temporary
-names that are renamed only on success: a failed run leaves no ``.bin``/``.idx`` behind.
+names (``PREFIX.tmpPID.bin/.idx``) that are renamed only on success: a failed run leaves no
+``.bin``/``.idx`` behind, SIGTERM / Ctrl-C included (SIGTERM unwinds while the run lasts; the
+previous handler is back afterwards). A run killed outright (SIGKILL, power loss) leaves its
+temporary files; the next run on the same prefix removes those whose PID is no longer alive on
+this host, and says so.
 
 Critic (value-model) data: with ``values_key`` each line also carries regression targets, and
 a second IndexedDataset of float32, ``PREFIX_<key>_document_values.bin/.idx``, holds one target
@@ -20,14 +24,17 @@ trained towards. BOS / EOD tokens added here get no target.
 
 from __future__ import annotations
 
+import glob
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from splitllama.data.tokenizers import Tokenizer, check_vocab, make_tokenizer
+from splitllama.platform.lifecycle import default_signals_in_child, pid_alive, sigterm_blocked, terminate_unwinds
 
 
 @dataclass(frozen=True)
@@ -54,12 +61,14 @@ class PreprocessStats:
     seconds: float
     dtype: str
     value_targets: int | None = None  # tokens with a value target (None: no values written)
+    stale_removed: tuple[str, ...] = ()  # temporary files of killed runs removed before writing
 
     def summary(self) -> str:
         mb_s = self.input_bytes / 1e6 / max(self.seconds, 1e-9)
         values = "" if self.value_targets is None else (
             f"; {values_prefix(self.output_prefix)}.bin/.idx: {self.value_targets} value targets")
-        return (
+        stale = "".join(f"removed {p} (partial output of a killed run)\n" for p in self.stale_removed)
+        return stale + (
             f"wrote {self.output_prefix}.bin/.idx: {self.documents} documents, {self.tokens} "
             f"tokens ({self.dtype}), {self.skipped} empty skipped{values}, "
             f"{self.input_bytes / 1e6:.2f} MB in {self.seconds:.2f} s ({mb_s:.2f} MB/s)"
@@ -74,6 +83,19 @@ def output_prefix_for(output_prefix: str, json_key: str) -> str:
 def values_prefix(token_prefix: str) -> str:
     """The float32 value-target dataset written next to token dataset ``token_prefix``."""
     return f"{token_prefix}_values"
+
+
+_TMP_RE = re.compile(r"\.tmp(\d+)(_values)?\.(bin|idx)$")
+
+
+def stale_temporaries(final: str) -> list[str]:
+    """Temporary files (``final.tmpPID[_values].bin/.idx``) of runs whose PID is not alive here."""
+    out = []
+    for path in sorted(glob.glob(glob.escape(final) + ".tmp*")):
+        m = _TMP_RE.fullmatch(path[len(final):])
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            out.append(path)
+    return out
 
 
 def parse_targets(value: object, n_tokens: int, key: str) -> list[float]:
@@ -151,6 +173,11 @@ def _encode(item: tuple[int, bytes]) -> Encoded:
     return line_no, len(raw), ids, targets, None
 
 
+def _init_pool_worker(*initargs) -> None:
+    default_signals_in_child()  # Pool.terminate's SIGTERM ends the worker, whatever the parent installed
+    _init_worker(*initargs)
+
+
 def _lines(path: str) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
         for i, line in enumerate(f, start=1):
@@ -181,8 +208,7 @@ def preprocess_jsonl(
     larger than ``model_vocab_size``) and then leaves no output files. An existing output
     (.bin or .idx) is refused unless ``overwrite``.
     """
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
+    from megatron.core.datasets.indexed_dataset import DType
 
     if not os.path.isfile(input_path):
         raise FileNotFoundError(f"input file not found: {input_path}")
@@ -208,6 +234,21 @@ def preprocess_jsonl(
         raise ValueError(f"{stale} exists: value targets of an earlier run would pair with the new "
                          f"tokens; pass values_key (--values-key) or move it away")
     os.makedirs(os.path.dirname(os.path.abspath(final)), exist_ok=True)
+    with terminate_unwinds():
+        return _write(input_path, final, spec, dtype, size, json_key=json_key, workers=workers,
+                      append_eod=append_eod, prepend_bos=prepend_bos, chunk_size=chunk_size,
+                      progress=progress, values_key=values_key)
+
+
+def _write(input_path: str, final: str, spec: TokenizerSpec, dtype, size: int, *,
+           json_key: str, workers: int, append_eod: bool, prepend_bos: bool, chunk_size: int,
+           progress: bool, values_key: str | None) -> PreprocessStats:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    stale = stale_temporaries(final)
+    for path in stale:
+        os.remove(path)
     tmp = f"{final}.tmp{os.getpid()}"
     docs = skipped = tokens = done_bytes = 0
     t0 = time.perf_counter()
@@ -216,9 +257,11 @@ def preprocess_jsonl(
     targets = 0
     if workers > 1:  # HF tokenizers would warn about (and disable) threads after fork
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pool = multiprocessing.Pool(workers, _init_worker, initargs) if workers > 1 else None
-    builder = vbuilder = None
+    pool = builder = vbuilder = None
     try:
+        if workers > 1:
+            with sigterm_blocked():
+                pool = multiprocessing.Pool(workers, _init_pool_worker, initargs)
         builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
         if values_key is not None:
             import numpy
@@ -273,5 +316,5 @@ def preprocess_jsonl(
     return PreprocessStats(
         output_prefix=final, documents=docs, skipped=skipped, tokens=tokens,
         input_bytes=done_bytes, seconds=time.perf_counter() - t0, dtype=dtype.__name__,
-        value_targets=targets if values_key is not None else None,
+        value_targets=targets if values_key is not None else None, stale_removed=tuple(stale),
     )

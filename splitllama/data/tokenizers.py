@@ -218,7 +218,7 @@ def make_tokenizer(
 
 
 def build_tokenizer(cfg: Any) -> Tokenizer:
-    """Build the tokenizer a :class:`~splitllama.data.config.DataConfig` names."""
+    """Build the tokenizer a :class:`~splitllama.config.data.DataConfig` names."""
     return make_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model, cfg.vocab_size)
 
 

@@ -20,6 +20,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from splitllama.data.preprocess import values_prefix
+from splitllama.platform.compat.datasets import QUERY_SAMPLE  # noqa: F401 - importing checks the override below
 
 
 def check_values_prefix(prefix: str) -> None:
@@ -61,7 +62,7 @@ class ValueGPTDataset(GPTDataset):
         self._last_values = None
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
-    def _query_document_sample_shuffle_indices(self, idx: int):
+    def _query_document_sample_shuffle_indices(self, idx: int):  # private: `QUERY_SAMPLE`
         spans: list = []
         tokens = self.dataset
         self.dataset = _RecordingDataset(tokens, spans)

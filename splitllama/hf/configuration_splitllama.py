@@ -11,6 +11,7 @@ This file is copied next to exported checkpoints (``trust_remote_code``) and mus
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from transformers import LlamaConfig, PretrainedConfig
@@ -62,6 +63,14 @@ def llama_config_to_dict(config: LlamaConfig) -> dict[str, Any]:
     return out
 
 
+def _kv_heads(config: LlamaConfig) -> int:
+    return int(config.num_key_value_heads or config.num_attention_heads)
+
+
+def _head_dim(config: LlamaConfig) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 class CustomSplitLLamaConfig(PretrainedConfig):
     """Config of :class:`CustomSplitLLamaForCausalLM`.
 
@@ -79,7 +88,26 @@ class CustomSplitLLamaConfig(PretrainedConfig):
 
     ``num_hidden_layers`` is always ``num_layers_8 + num_layers_70``: it is the number of KV-cache layers
     (lower layers use cache indices 0..N-1, upper layers N..N+M-1).
+
+    Top-level attributes for frameworks that read one LLaMA-like config (veRL, vLLM): derived from the two
+    blocks, never read by this model (its layers use :meth:`lower_config` / :meth:`upper_config`):
+
+    - ``hidden_size = gcd(lower, upper)``, ``num_attention_heads = gcd(...)``, ``num_key_value_heads = gcd(...)``.
+      The gcd makes every divisibility check ``x % d == 0`` (heads % tp, kv_heads % tp, hidden % sp, ...) true
+      exactly when it is true for both blocks. Checks between two attributes hold whenever they hold in both
+      blocks: ``hidden_size % num_attention_heads == 0`` (a common divisor of the heads divides both hiddens) and
+      ``num_attention_heads % num_key_value_heads == 0``. The one-sided test ``d % kv_heads == 0`` (KV-head
+      replication when d > kv_heads) is weaker on the gcd than on the blocks; SplitLlama's own TP and vLLM-plugin
+      checks are made per block.
+    - ``max_position_embeddings = min(lower, upper)``: the longest sequence both blocks' RoPE were made for.
+    - ``head_dim``: the blocks' head dim when they agree, otherwise absent (``None``).
+
+    They are recomputed on every construction; a value stored in config.json (``save_pretrained`` writes them)
+    must equal the derived one, otherwise loading fails naming the key (edit ``config8b``/``config70b``, the
+    source of truth, not these).
     """
+
+    DERIVED_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "head_dim")
 
     model_type = "custom_split_llama"
 
@@ -123,6 +151,14 @@ class CustomSplitLLamaConfig(PretrainedConfig):
         # Derived; ignore any stored value so N/M edits stay consistent.
         kwargs.pop("num_hidden_layers", None)
         self.num_hidden_layers = self.num_layers_8 + self.num_layers_70
+        for key, value in self.derived_attributes(lower, upper).items():
+            stored = kwargs.pop(key, None)
+            if stored is not None and stored != value:
+                raise ValueError(
+                    f"{key}={stored!r} but the two blocks give {value!r} (a derived attribute: see "
+                    f"CustomSplitLLamaConfig; edit config8b/config70b instead)"
+                )
+            setattr(self, key, value)
         self.use_cache = kwargs.pop("use_cache", True)
         self.tie_word_embeddings = kwargs.pop("tie_word_embeddings", False)
         self.initializer_range = kwargs.pop("initializer_range", getattr(upper, "initializer_range", 0.02))
@@ -130,6 +166,17 @@ class CustomSplitLLamaConfig(PretrainedConfig):
             setattr(self, key, kwargs.pop(key, getattr(lower, key, None)))
         kwargs.setdefault("architectures", ["CustomSplitLLamaForCausalLM"])
         super().__init__(**kwargs)
+
+    @staticmethod
+    def derived_attributes(lower: LlamaConfig, upper: LlamaConfig) -> dict[str, int | None]:
+        """The top-level LLaMA-like attributes of two blocks (rule in the class docstring)."""
+        return {
+            "hidden_size": math.gcd(lower.hidden_size, upper.hidden_size),
+            "num_attention_heads": math.gcd(lower.num_attention_heads, upper.num_attention_heads),
+            "num_key_value_heads": math.gcd(_kv_heads(lower), _kv_heads(upper)),
+            "max_position_embeddings": min(lower.max_position_embeddings, upper.max_position_embeddings),
+            "head_dim": _head_dim(lower) if _head_dim(lower) == _head_dim(upper) else None,
+        }
 
     @staticmethod
     def _resolve_sub_config(

@@ -9,10 +9,13 @@ The causal/padding mask is built once (``create_causal_mask``) and shared by bot
 
 Packed sequences follow transformers' convention: with ``position_ids`` restarting at 0 per document, no
 ``attention_mask`` and no cache (training mode, or ``use_cache=False``), attention stays within each document
-and both blocks' RoPE restart — as SplitLlama's Megatron training does with packed documents.
+and both blocks' RoPE restart — as SplitLlama's Megatron training does with packed documents. This is veRL's
+"remove-padding" input. Attention: eager, sdpa, or flash_attention_2 (what veRL requests); with flash-attn
+installed the decoder layers call it through transformers' attention interface, which turns restarting
+``position_ids`` into varlen ``cu_seqlens``; without it (CPU) the request falls back to sdpa, with one log line.
 
 This file is copied next to exported checkpoints (``trust_remote_code``): it imports only its sibling
-configuration module, never ``splitllama``. It runs on transformers 5.19 to 5.24 (setup.py's range): 5.24
+configuration module, never ``splitllama``. It runs on transformers 5.5.3 to 5.24 (setup.py's range): 5.24
 renamed the KV-cache argument of ``create_causal_mask`` and of the decoder layers, and the output field, from
 ``past_key_values`` to ``cache``; the names in use are read once from the installed signatures below.
 """
@@ -30,12 +33,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast, TokenClassifierOutput
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.utils import is_flash_attn_2_available, logging
 
 from .configuration_splitllama import CustomSplitLLamaConfig
 
 
 def _cache_name(parameters: Any) -> str:
-    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"`` (5.19-5.23), whichever ``parameters`` has."""
+    """``"cache"`` (transformers >= 5.24) or ``"past_key_values"`` (5.5.3-5.23), whichever ``parameters`` has."""
     for name in ("cache", "past_key_values"):
         if name in parameters:
             return name
@@ -45,6 +49,7 @@ def _cache_name(parameters: Any) -> str:
 _MASK_CACHE_ARG = _cache_name(inspect.signature(create_causal_mask).parameters)
 _LAYER_CACHE_ARG = _cache_name(inspect.signature(LlamaDecoderLayer.forward).parameters)
 _OUTPUT_CACHE_FIELD = _cache_name([f.name for f in dataclasses.fields(CausalLMOutputWithPast)])
+logger = logging.get_logger(__name__)
 
 
 class CustomSplitLLamaModel(nn.Module):
@@ -164,7 +169,18 @@ class CustomSplitLLamaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
+    _supports_flash_attn = True  # LlamaAttention dispatches through transformers' attention interface
     _supports_attention_backend = True
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
+        """``flash_attention_2`` (what veRL requests) falls back to SDPA, with one log line, when flash-attn is not
+        usable here (not installed, or no CUDA device): same results, packed ``position_ids`` included."""
+        if attn_implementation == "flash_attention_2" and not is_flash_attn_2_available():
+            logger.warning_once(
+                f"{type(self).__name__}: flash_attention_2 requested but flash-attn is not available; using sdpa"
+            )
+            attn_implementation = "sdpa"
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from splitllama.config.model import ATTENTION_BACKENDS as BACKENDS  # flex is not offered: benchmarks/README.md
+from splitllama.platform.compat.model import sdp_kernel_choice
 
 KERNEL_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -64,8 +65,8 @@ def check_packing_support(backend: str, *, reset_attention_mask: bool, packed_se
 
 
 def _choice(q, k, v, mask, causal: bool, gqa: bool) -> int:
-    """The kernel SDPA's dispatcher picks (torch private `_fused_sdp_choice`, torch 2.5-2.13)."""
-    return int(torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, scale=None, enable_gqa=gqa))
+    """The kernel SDPA's dispatcher picks (torch private `_fused_sdp_choice`: `platform.compat.model`)."""
+    return sdp_kernel_choice(q, k, v, mask, causal, gqa)
 
 
 class SDPAttention(MegatronModule):

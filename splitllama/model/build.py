@@ -41,14 +41,16 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Nume
 
 
 def build_stage(model_cfg: ModelConfig, parallel: ParallelConfig, numerics: Numerics,
-                layout: PipelineLayout, stage: Optional[int] = None) -> BuiltModel:
+                layout: PipelineLayout, stage: Optional[int] = None, impl: Optional[str] = None,
+                backend: Optional[str] = None) -> BuiltModel:
     """The stage of the model this rank owns, from settings already validated (a `RunPlan`'s
-    job sections and layout; see `splitllama.config.resolve`)."""
+    job sections, layout, layer implementation `impl` and attention `backend`; see
+    `splitllama.preflight.resolve`). Without a plan (None) they are resolved from `model_cfg`."""
     pp = parallel.pipeline_model_parallel_size
     if stage is None:
         stage = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
-    impl = resolve_impl(model_cfg.transformer_impl)
-    backend = resolve_backend(model_cfg.attention_backend, impl)
+    impl = impl or resolve_impl(model_cfg.transformer_impl)
+    backend = backend or resolve_backend(model_cfg.attention_backend, impl)
     lower = block_config(model_cfg, "lower", parallel, layout, numerics)
     upper = block_config(model_cfg, "upper", parallel, layout, numerics)
     model = SplitLlamaModel(model_cfg, lower, upper, layout, stage, impl, backend)

@@ -132,6 +132,13 @@ class SplitLlamaModel(LanguageModule):
         return block(x, attention_mask=attention_mask, packed_seq_params=packed_seq_params,
                      rotary_pos_emb=self._rotary(rotary, x, position_ids, packed_seq_params))
 
+    def run_block(self, which: str, x: torch.Tensor, position_ids=None, attention_mask=None,
+                  packed_seq_params=None) -> torch.Tensor:
+        """This stage's ``which`` block ('lower' | 'upper') on the activation `x`, with its own
+        rotary table, as `forward` runs it (the profiler times a unit through this)."""
+        return self._block(getattr(self, which), getattr(self, f"{which}_rotary"), x, position_ids,
+                           attention_mask, packed_seq_params)
+
     def _prefix(self, input_ids, position_ids, attention_mask, packed_seq_params) -> torch.Tensor:
         """Embedding (first stage) or the received activation, then this stage's lower layers."""
         if self.pre_process:

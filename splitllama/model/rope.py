@@ -4,6 +4,7 @@ from __future__ import annotations
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from splitllama.config.model import LlamaBlockConfig
+from splitllama.platform.compat.model import llama3_scaled_inv_freq
 
 
 def build_rotary(blk: LlamaBlockConfig, use_cpu_initialization: bool) -> RotaryEmbedding:
@@ -15,8 +16,8 @@ def build_rotary(blk: LlamaBlockConfig, use_cpu_initialization: bool) -> RotaryE
                            use_cpu_initialization=use_cpu_initialization)
     if blk.rope_type == "llama3":
         s = blk.rope_scaling
-        rope.inv_freq = rope._apply_scaling(
-            rope.inv_freq, factor=float(s["factor"]),
+        rope.inv_freq = llama3_scaled_inv_freq(
+            rope, rope.inv_freq, factor=float(s["factor"]),
             low_freq_factor=float(s.get("low_freq_factor", 1.0)),
             high_freq_factor=float(s.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(s.get("original_max_position_embeddings", 8192)))

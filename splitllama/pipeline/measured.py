@@ -1,6 +1,6 @@
 """Measured unit costs: the profile file, its key, and the unit chain costed from it (pure Python).
 
-A profile (taken by `splitllama.pipeline.profile`, written by ``tools/plan_pipeline.py --profile``)
+A profile (taken by `splitllama.planning.profile`, written by ``tools/plan_pipeline.py --profile``)
 holds, for ONE set of shapes on ONE device, the median forward and backward seconds of each unit
 kind (embedding, one lower layer, adapter, one upper layer, final norm + head + loss) per
 micro-batch, their peak memory (CUDA; null on CPU), and the per-step costs that do not move with
@@ -24,7 +24,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from splitllama.config.model import ModelConfig
 from splitllama.errors import UsageError
@@ -238,24 +238,3 @@ def calibrate(profile: Profile, model_cfg: ModelConfig) -> Hardware:
         t = profile.units[kind]
         obs += [(ff, fbytes, t.fwd_s), (bf, bbytes, t.bwd_s)]
     return fit_hardware(obs)
-
-
-# ---- the job's profile (read by config.resolve.split_costs) ---------------------------------------
-def _expected_key(job) -> dict:
-    from splitllama.pipeline.profile import environment_key  # torch: the device this job runs on
-
-    return {**job_key(job), **environment_key(job)}
-
-
-def job_profile(job, take: Optional[Callable] = None) -> Optional[Profile]:
-    """The job's profile (``parallel.profile_file``) checked against its key; None when no file is
-    configured. With ``parallel.profile_if_missing`` a missing file is profiled first (``take``,
-    default `splitllama.pipeline.profile.take_profile_for_job`)."""
-    par = job.parallel
-    if not par.profile_file:
-        return None
-    if not os.path.isfile(par.profile_file) and par.profile_if_missing:
-        if take is None:
-            from splitllama.pipeline.profile import take_profile_for_job as take
-        take(job, par.profile_file)
-    return load_profile(par.profile_file, _expected_key(job))

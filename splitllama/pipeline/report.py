@@ -11,12 +11,13 @@ MEMORY_KINDS = ("params", "grads", "optimizer", "activations")
 def plan_to_dict(p: StagePlan) -> dict:
     """A JSON-ready summary: layout, ratios, schedule estimates and per-stage rows (GiB)."""
     return {
-        "method": p.method, "layout": str(p.layout), "fits": p.fits,
+        "method": p.method, "layout": str(p.layout), "vpp": p.vpp, "fits": p.fits,
         "bottleneck_over_ideal": p.bottleneck_over_ideal,
         "bottleneck_time_s": p.bottleneck_time, "total_time_s": p.total_time,
         "num_microbatches": p.num_microbatches, "bubble_fraction": p.bubble_fraction,
         "step_time_s": p.step_time_s, "pipeline_efficiency": p.pipeline_efficiency,
         "memory_budget_gib": None if p.memory_budget is None else p.memory_budget / GiB,
+        "rank_times_s": p.rank_times, "rank_memory_gib": [x / GiB for x in p.rank_memory],
         "stages": [{"index": s.index, "units": s.units, "params": s.params, "gflops": s.gflops,
                     "time_s": s.time_s, "time_share": s.time_share, "in_flight": s.in_flight,
                     "fwd_s": s.fwd_s, "bwd_s": s.bwd_s, "overhead_s": s.overhead_s, "p2p_s": s.p2p_s,

@@ -29,7 +29,9 @@ then lower peak memory.
 
 Pruning keeps the result exact: a combination is skipped only when a lower bound of its largest
 stage memory exceeds the budget, or a lower bound of its step time
-(``(m + pp - 1) * max(total / pp, largest first / last / single unit)``) cannot enter the top K.
+(``(m + pp - 1) * max(total / pp, largest unit)``; interleaved: ``m * max(total / pp, largest
+unit)``) cannot enter the top K. Plans may give the embedding or the head a stage of their own,
+and with ``vpp_options`` interleave ``pp * vpp`` chunks (`plan`).
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class Candidate:
     sequence_parallel: bool
     plan: StagePlan
     tokens_per_s_per_gpu: float
+    vpp: int = 1
 
     @property
     def layout(self) -> str:
@@ -93,12 +96,13 @@ class Candidate:
                 f"parallel.pipeline_model_parallel_size={self.pp}",
                 f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                 f"parallel.pipeline_layout={self.layout}",
+                *([f"parallel.virtual_pipeline_model_parallel_size={self.vpp}"] if self.vpp > 1 else []),
                 f"train.micro_batch_size={self.micro_batch_size}",
                 f"train.recompute_granularity={'null' if self.recompute == 'none' else self.recompute}"]
 
     def to_dict(self) -> dict:
         p = self.plan
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "micro_batch_size": self.micro_batch_size,
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "dp": self.dp, "micro_batch_size": self.micro_batch_size,
                 "recompute": self.recompute, "sequence_parallel": self.sequence_parallel,
                 "layout": self.layout, "predicted_tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
                 "predicted_step_time_s": self.step_time_s, "num_microbatches": p.num_microbatches,
@@ -129,39 +133,46 @@ def _memory_lower_bound(units: Sequence[Unit], pp: int, m: int) -> float:
         return sum(u.static_bytes + in_flight * u.act_bytes_per_mb for u in group) + \
             max(u.act_working_bytes for u in group)
     core = units[1:-1]
-    first = mem([units[0], core[0]], max(1, min(pp, m)))
-    last = mem([core[-1], units[-1]], 1) if pp > 1 else mem(units, max(1, min(pp, m)))
+    # the embedding / head may be alone on their stage (E|..., ...|H)
+    first = mem([units[0]], max(1, min(pp, m)))
+    last = mem([units[-1]], 1) if pp > 1 else mem(units, max(1, min(pp, m)))
     single = max(mem([u], 1) for u in core)
     average = sum(u.static_bytes + u.act_bytes_per_mb for u in units) / pp
     return max(first, last, single, average)
 
 
-def _time_lower_bound(units: Sequence[Unit], pp: int, m: int) -> float:
-    """A lower bound of the 1F1B step time (m + pp - 1) * bottleneck of any `pp`-stage split."""
+def _time_lower_bound(units: Sequence[Unit], pp: int, m: int, vpp: int = 1) -> float:
+    """A lower bound of the 1F1B step time (m + pp - 1) * bottleneck of any `pp`-stage split;
+    interleaved (vpp > 1): m * max(total / pp, largest unit), every rank's own work."""
     core = units[1:-1]
+    if vpp > 1:
+        return m * max(sum(u.time for u in units) / pp, max(u.time for u in units))
     if pp == 1:
         bottleneck = sum(u.time for u in units)
     else:
-        bottleneck = max(sum(u.time for u in units) / pp, units[0].time + core[0].time,
-                         core[-1].time + units[-1].time, max(u.time for u in core))
+        # the embedding / head may sit alone on a stage (E|..., ...|H): bound by the units alone
+        bottleneck = max(sum(u.time for u in units) / pp, max(u.time for u in units))
     return (m + pp - 1) * bottleneck
 
 
 def _rank_key(c: Candidate) -> tuple:
-    """Best first: step time (ties within TIE_RTOL), then smaller tp, pp, larger mbs, less memory."""
+    """Best first: step time (ties within TIE_RTOL), then smaller tp, pp, vpp, larger mbs, less memory."""
     step = float(f"{c.step_time_s:.9e}")
-    return (step, c.tp, c.pp, -c.micro_batch_size, c.peak_memory_gib, RECOMPUTE_OPTIONS.index(c.recompute))
+    return (step, c.tp, c.pp, c.vpp, -c.micro_batch_size, c.peak_memory_gib, RECOMPUTE_OPTIONS.index(c.recompute))
 
 
 def search(model_cfg: ModelConfig, gpus: int, seq: int, global_batch: int, memory_budget: float, *,
            gpus_per_node: int = 8, top: int = 5, units_source: Optional[UnitsSource] = None,
            recompute: Sequence[str] = RECOMPUTE_OPTIONS,
-           micro_batch_sizes: Optional[Sequence[int]] = None) -> list[Candidate]:
+           micro_batch_sizes: Optional[Sequence[int]] = None,
+           vpp_options: Sequence[int] = (1,)) -> list[Candidate]:
     """The `top` best layouts on `gpus` GPUs (memory_budget: bytes per GPU), best first.
 
     Raises ValueError for input the training run would refuse (sequence too long, bad sizes);
     returns [] when no layout fits the budget. ``micro_batch_sizes`` restricts the sizes tried
-    (default: every divisor of global_batch / dp)."""
+    (default: every divisor of global_batch / dp). ``vpp_options``: virtual pipeline sizes tried
+    (interleaved 1F1B, `plan(vpp=...)`) where pp >= 2, pp * vpp <= the units and the micro-batch
+    count is a multiple of pp (Megatron-Core's condition)."""
     if min(gpus, gpus_per_node, seq, global_batch, top) < 1:
         raise ValueError(f"gpus, gpus_per_node, seq, global_batch and top must be >= 1 (got {gpus}, "
                          f"{gpus_per_node}, {seq}, {global_batch}, {top})")
@@ -189,18 +200,21 @@ def search(model_cfg: ModelConfig, gpus: int, seq: int, global_batch: int, memor
                     units = source(model_cfg, seq, mbs, tp, dp, rc, sequence_parallel=tp > 1)
                     if units is None or _memory_lower_bound(units, pp, m) > memory_budget:
                         continue
-                    combos.append((_time_lower_bound(units, pp, m), tp, pp, dp, mbs, rc, units, m))
-    combos.sort(key=lambda c: c[:6])
+                    for v in vpp_options:
+                        if v > 1 and (pp < 2 or pp * v > model_cfg.num_pipeline_units or m < pp or m % pp):
+                            continue
+                        combos.append((_time_lower_bound(units, pp, m, v), tp, pp, v, dp, mbs, rc, units, m))
+    combos.sort(key=lambda c: c[:7])
     tokens = global_batch * seq
     best: list[Candidate] = []
-    for bound, tp, pp, dp, mbs, rc, units, m in combos:
+    for bound, tp, pp, v, dp, mbs, rc, units, m in combos:
         if len(best) >= top and bound > best[top - 1].step_time_s * (1 + TIE_RTOL):
             break  # sorted by bound: nothing later can enter the top
         try:
-            p = plan(units, pp, "1f1b", memory_budget, m)
+            p = plan(units, pp, "1f1b", memory_budget, m, vpp=v)
         except ValueError:
             continue  # no split fits the budget
-        best.append(Candidate(tp, pp, dp, mbs, rc, tp > 1, p, tokens / (p.step_time_s * gpus)))
+        best.append(Candidate(tp, pp, dp, mbs, rc, tp > 1, p, tokens / (p.step_time_s * gpus), v))
         best.sort(key=_rank_key)
         del best[top:]
     return best

@@ -90,18 +90,20 @@ class _CpuDeviceMode(TorchFunctionMode):
         return out
 
 
-class _Event:
+class _Inert:
+    """A CUDA object on CPU: every call returns at once (nothing runs asynchronously on CPU)."""
+
     def __init__(self, *a, **k):
         pass
 
-    def record(self, *a, **k):
+    def _nothing(self, *a, **k):
         pass
 
-    def synchronize(self):
-        pass
+    synchronize = _nothing
 
-    def wait(self, *a, **k):
-        pass
+
+class _Event(_Inert):
+    record = wait = _Inert._nothing
 
     def query(self):
         return True
@@ -110,18 +112,8 @@ class _Event:
         return 0.0
 
 
-class _Stream:
-    def __init__(self, *a, **k):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def wait_stream(self, *a, **k):
-        pass
-
-    def wait_event(self, *a, **k):
-        pass
+class _Stream(_Inert):
+    wait_stream = wait_event = _Inert._nothing
 
     def record_event(self, *a, **k):
         return _Event()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,13 +17,15 @@ from splitllama.platform import cpu
 _harness: "cpu.Harness | None" = None
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10) -> bool:
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_min: int = 10,
+                     on_cpu: Optional[bool] = None) -> bool:
     """Initialise torch.distributed (env:// from torchrun/SLURM, or a 1-process group) and
     Megatron's model-parallel groups. Returns True when running on CPU. `parallel` is taken as
-    validated (the training run's `splitllama.config.resolve.resolve` did it for this world
-    size; Megatron-Core refuses sizes that do not divide it)."""
+    validated (the training run's `splitllama.preflight.resolve.resolve` did it for this world
+    size; Megatron-Core refuses sizes that do not divide it). ``on_cpu``: the plan's decision
+    (`RunPlan.on_cpu`); None: `cpu.wanted` decides (callers without a plan)."""
     global _harness
-    on_cpu = cpu.wanted()
+    on_cpu = cpu.wanted() if on_cpu is None else on_cpu
     if on_cpu and _harness is None:
         _harness = cpu.enable()
     if not dist.is_initialized():

@@ -1,8 +1,10 @@
 """Declared, checked and reversible patches of torch / Megatron-Core attributes.
 
 Every place where SplitLlama replaces or relies on a private attribute of torch or
-megatron-core declares it here as a `Patch` (or a `Requirement` when it only reads or wraps
-it): the dotted target, the version it was written for and why. `check()` runs before any of
+megatron-core declares it with these types, as a `Patch` (or a `Requirement` when it only reads,
+wraps or overrides it): the dotted target, the version it was written for and why. The
+declarations live in `platform/cpu.py` (the CPU harness) and `platform/compat/` (every other
+use; `platform.compat.requirements()` lists them all). `check()` runs before any of
 them is used, so an upgrade that renamed or removed one fails with ONE message naming the
 target and the installed version instead of an AttributeError deep inside a training step.
 `apply()` records every original and returns an `Applied` whose `restore()` puts each back.

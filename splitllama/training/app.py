@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Optional
 
 import torch.distributed as dist
@@ -14,13 +13,15 @@ from splitllama.checkpoint import dirs
 from splitllama.checkpoint.lock import DirLock
 from splitllama.config.job import JobConfig
 from splitllama.config.model import ModelConfig
-from splitllama.config.resolve import RunPlan
+from splitllama.preflight.resolve import RunPlan
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.tokenizers import build_tokenizer, check_vocab
+from splitllama.launch_env import rank as launch_rank
 from splitllama.pipeline.cost import units_for
 from splitllama.platform.dist import shutdown
-from splitllama.training import checkpointing, preflight, report, resume
+from splitllama.preflight import launch as preflight
+from splitllama.training import checkpointing, report, resume
 from splitllama.training.loop import evaluate, train
 from splitllama.training.runtime import Runtime, build_runtime
 from splitllama.training.signals import PreemptionFlag
@@ -87,18 +88,20 @@ def setup_data(rt: Runtime, tok=None):
 
 
 def _say(text: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if launch_rank() == 0:
         print(text, flush=True)
 
 
-def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Everything that can be checked is checked before torch.distributed starts: the save
     directory's lock (rank 0), where the run starts, the config, layout, tokenizer, and the
     files of the checkpoint to load. The loaded `job` is not changed: where the run starts and
     the checkpoint's model make a new job, which the resolve step turns into the `RunPlan`."""
+    if weight_consumer is not None and not job.rl.sync_interval:
+        raise ValueError("a weight consumer was passed but rl.sync_interval is 0: set rl.sync_interval=K")
     c = job.checkpoint
     lock = None
-    if c.save and not job.train.eval_only and int(os.environ.get("RANK", "0")) == 0:
+    if c.save and not job.train.eval_only and launch_rank() == 0:
         lock = DirLock(c.save).acquire()
         if lock.note:
             _say(f"note: {c.save}: {lock.note}")
@@ -111,13 +114,13 @@ def run(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
         check_vocab(tok, plan.job.model.vocab_size)
         if c.load:
             dcp_metadata.verify(dirs.resolve(c.load))  # restricted read of .metadata, file sizes
-        return _run(plan, tok, preemption)
+        return _run(plan, tok, preemption, weight_consumer)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
+def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag], weight_consumer=None) -> int:
     rt = build_runtime(plan)
     job = rt.job
     rank0 = dist.get_rank() == 0
@@ -134,20 +137,15 @@ def _run(plan: RunPlan, tok, preemption: Optional[PreemptionFlag]) -> int:
         if rank0:
             print(json.dumps({"eval_loss": val}), flush=True)
         return 0
-    return train(rt, flops_per_iteration(job), make_valid, preemption)
+    return train(rt, flops_per_iteration(job), make_valid, preemption, weight_consumer)
 
 
-def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None) -> int:
+def run_job(job: JobConfig, preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Run a parsed job (after splitllama.training.entry's process set-up) and shut down.
-    `preemption`: the flag `signals.install()` returned (None: no signal is honoured)."""
+    `preemption`: the flag `signals.install()` returned (None: no signal is honoured).
+    `weight_consumer(iteration, weights)`: an RL framework's callable, called on every rank every
+    rl.sync_interval iterations with the live weights in HF export names (splitllama.rl.sync)."""
     try:
-        return run(job, preemption)
+        return run(job, preemption, weight_consumer)
     finally:
         shutdown()
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """The training command line, in-process: the same as splitllama.training.entry.main."""
-    from splitllama.training import entry
-
-    return entry.main(argv)

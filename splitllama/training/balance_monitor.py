@@ -20,10 +20,11 @@ from splitllama.pipeline.balance import BalanceReport, analyze
 from splitllama.pipeline.plan import evaluate
 from splitllama.platform.device import device as local_device
 from splitllama.training.stage_timers import StageTimers
+from splitllama.training.runtime import Runtime
 
 
 class BalanceMonitor:
-    def __init__(self, rt) -> None:
+    def __init__(self, rt: Runtime) -> None:
         """The run's unit costs are those its pipeline split was chosen on (``rt.plan.split``,
         with the profile's per-stage costs when ``parallel.pipeline_split=profile``)."""
         split = rt.plan.split
@@ -62,7 +63,7 @@ class BalanceMonitor:
         return replace(r, report_s=time.perf_counter() - t0)
 
 
-def start(rt) -> Optional[BalanceMonitor]:
+def start(rt: Runtime) -> Optional[BalanceMonitor]:
     """A monitor when the run is pipelined and ``logging.pipeline_balance`` is on, else None."""
     if not rt.job.logging.pipeline_balance or ps.get_pipeline_model_parallel_world_size() == 1:
         return None

@@ -23,6 +23,7 @@ from splitllama.checkpoint.model_io import SHARDED_METADATA, load_model_weights,
 from splitllama.errors import UsageError, is_disk_full
 from splitllama.platform.compat import optim as optim_compat
 from splitllama.training import optim_state
+from splitllama.training.runtime import Runtime
 from splitllama.training.state import TrainState
 
 log = logging.getLogger("splitllama")
@@ -90,7 +91,7 @@ def _restore_rng(tensors: dict[str, torch.Tensor]) -> None:
                                        if k.startswith("tracker.")})
 
 
-def _optimizer_sd(rt, model_sd: dict, is_loading: bool) -> dict:
+def _optimizer_sd(rt: Runtime, model_sd: dict, is_loading: bool) -> dict:
     optim_compat.ensure_state(rt.optimizer)
     return rt.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                            metadata=dict(SHARDED_METADATA))
@@ -116,7 +117,7 @@ class AsyncSaves:
             self._queue.maybe_finalize_async_calls(blocking=blocking)
 
 
-def save(rt, root: str, saves: AsyncSaves) -> str:
+def save(rt: Runtime, root: str, saves: AsyncSaves) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory.
 
     With `checkpoint.async_save` the shards are written by a background process and the
@@ -179,7 +180,7 @@ def _write_rng(tmp: str, rng: dict) -> None:
     save_file(rng, _rng_file(tmp))
 
 
-def load(rt, path: str, finetune: bool) -> None:
+def load(rt: Runtime, path: str, finetune: bool) -> None:
     """Resume (weights, optimizer, scheduler, RNG, data position, iteration) or, with
     `finetune`, take the weights only and start at iteration 0."""
     ckpt = dirs.resolve(path)

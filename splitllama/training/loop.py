@@ -20,12 +20,13 @@ from splitllama.platform.device import device as local_device
 from splitllama.training import balance_monitor, checkpointing
 from splitllama.training.signals import PreemptionFlag
 from splitllama.training.metrics import MetricsSink, peak_tflops
+from splitllama.training.runtime import Runtime
 from splitllama.training.step import forward_step, pipeline_shapes_hook
 
 log = logging.getLogger("splitllama")
 
 
-def _schedule_kwargs(rt) -> dict:
+def _schedule_kwargs(rt: Runtime) -> dict:
     tr = rt.job.train
     kw = dict(seq_length=rt.job.data.seq_length, micro_batch_size=tr.micro_batch_size)
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -34,7 +35,7 @@ def _schedule_kwargs(rt) -> dict:
     return kw
 
 
-def reduce_loss(rt, losses: list) -> float:
+def reduce_loss(rt: Runtime, losses: list) -> float:
     """Token-weighted mean loss of the step, the same number on every rank."""
     t = torch.zeros(2, dtype=torch.float64, device=local_device())
     if rt.is_last_stage:
@@ -46,7 +47,7 @@ def reduce_loss(rt, losses: list) -> float:
     return (t[0] / t[1].clamp_min(1)).item()
 
 
-def _grads_finite(rt) -> bool:
+def _grads_finite(rt: Runtime) -> bool:
     ok = torch.tensor([1.0], device=local_device())
     for buf in rt.ddp.buffers:
         # NaN/inf propagate through a sum: one reduction instead of a full isfinite mask
@@ -68,7 +69,7 @@ def _fault_nan_iters() -> set[int]:
     return {int(x) for x in os.environ.get("SPLITLLAMA_FAULT_NAN_ITERS", "").split(",") if x.strip()}
 
 
-def train_step(rt, inject_nan: bool = False) -> tuple[float, Optional[float], bool]:
+def train_step(rt: Runtime, inject_nan: bool = False) -> tuple[float, Optional[float], bool]:
     """One global batch. Returns (loss, grad_norm, applied). `inject_nan`: fault injection,
     the step's loss and gradients become NaN."""
     rt.ddp.zero_grad_buffer()
@@ -87,7 +88,7 @@ def train_step(rt, inject_nan: bool = False) -> tuple[float, Optional[float], bo
     return loss, grad_norm, bool(ok)
 
 
-def evaluate(rt, iterator, num_batches: int) -> float:
+def evaluate(rt: Runtime, iterator, num_batches: int) -> float:
     fb = get_forward_backward_func()
     total = torch.zeros(2, dtype=torch.float64, device=local_device())
     rt.ddp.eval()
@@ -106,7 +107,7 @@ def evaluate(rt, iterator, num_batches: int) -> float:
     return (total[0] / total[1].clamp_min(1)).item()
 
 
-def save_checkpoint(rt, root: str, saves: checkpointing.AsyncSaves) -> str:
+def save_checkpoint(rt: Runtime, root: str, saves: checkpointing.AsyncSaves) -> str:
     """checkpointing.save (collective) plus one line on rank 0 saying what went where."""
     t0 = time.time()
     path = checkpointing.save(rt, root, saves)
@@ -120,7 +121,7 @@ def save_checkpoint(rt, root: str, saves: checkpointing.AsyncSaves) -> str:
     return path
 
 
-def _on_signal(rt, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
+def _on_signal(rt: Runtime, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Optional[PreemptionFlag]) -> int:
     """SIGTERM / SIGUSR1 mid-run: save and exit 0 (the job resumes from it), or, with nothing
     to save to, say so and exit 128 + signal (the run did not finish)."""
     ckpt_cfg, it = rt.job.checkpoint, rt.state.iteration
@@ -139,11 +140,25 @@ def _on_signal(rt, rank0: bool, saves: checkpointing.AsyncSaves, preemption: Opt
     return 128 + sig
 
 
-def train(rt, flops_per_iteration: float, make_valid_iter,
-          preemption: Optional[PreemptionFlag] = None) -> int:
+def _weight_sync(rt: Runtime, iteration: int, consumer, sink, rank0: bool) -> None:
+    """rl.sync_interval: stream the live weights (collective) to the RL consumer; log what went."""
+    from splitllama.rl.sync import sync_weights
+
+    chunks = rt.ddp if isinstance(rt.ddp, (list, tuple)) else [rt.ddp]
+    res = sync_weights(chunks, iteration, consumer, digest=rank0,
+                       bucket_bytes=int(rt.job.rl.sync_bucket_mb * 2 ** 20))
+    sink.write({"iteration": iteration, "weight_sync": res.to_dict()})
+    if rank0:
+        print(res.line(), flush=True)
+
+
+def train(rt: Runtime, flops_per_iteration: float, make_valid_iter,
+          preemption: Optional[PreemptionFlag] = None, weight_consumer=None) -> int:
     """Run until train_iters; returns the process exit code (0 when finished or after a signal
     save; 128 + signal when a signal stopped it with no checkpoint). `preemption`: the flag
-    the entry point installed (checked before every iteration, on all ranks together)."""
+    the entry point installed (checked before every iteration, on all ranks together).
+    `weight_consumer`: an RL framework's callable fed the live weights every rl.sync_interval
+    iterations (splitllama.rl.sync)."""
     job, tr, st = rt.job, rt.job.train, rt.state
     sink = MetricsSink(job.logging, job.to_dict())
     total = tr.total_iters()
@@ -212,6 +227,8 @@ def train(rt, flops_per_iteration: float, make_valid_iter,
                 sink.write({"iteration": st.iteration, "eval_loss": val})
                 if rank0:
                     print(f"[eval] iteration {st.iteration} | eval loss {val:.4f}", flush=True)
+            if job.rl.sync_interval and st.iteration % job.rl.sync_interval == 0:
+                _weight_sync(rt, st.iteration, weight_consumer, sink, rank0)
             ckpt_cfg = job.checkpoint
             if ckpt_cfg.save and ckpt_cfg.save_interval and st.iteration % ckpt_cfg.save_interval == 0:
                 save_checkpoint(rt, ckpt_cfg.save, saves)

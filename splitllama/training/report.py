@@ -13,11 +13,12 @@ from megatron.core import parallel_state as ps
 from splitllama.checkpoint import dirs
 from splitllama.config.model import PRESETS, LlamaBlockConfig
 from splitllama.platform.device import device as local_device
+from splitllama.training.runtime import Runtime
 
 WIDTH = 120
 
 
-def stage_params(rt) -> list[tuple[int, int]]:
+def stage_params(rt: Runtime) -> list[tuple[int, int]]:
     """(total, trainable) parameters of each pipeline stage (collective; on every rank).
 
     A tensor-parallel shard counts on every TP rank, a replicated parameter (norm weights)
@@ -94,7 +95,7 @@ def _where(job) -> list[str]:
     return [save, f"logs: {', '.join(sinks)} every {lg.log_interval} iterations"]
 
 
-def startup(rt, stages: list[tuple[int, int]]) -> str:
+def startup(rt: Runtime, stages: list[tuple[int, int]]) -> str:
     """The start-of-run summary (rank 0 prints it)."""
     job = rt.job
     if job.logging.verbose:

@@ -1,5 +1,7 @@
-"""Build everything a run needs, from a resolved `RunPlan`: process groups, the model stage,
-DDP, optimizer, LR schedule, data iterators — megatron-core only, no megatron/training."""
+"""Build the run's machinery from a resolved `RunPlan`: process groups (on the plan's device),
+this rank's model stage (the plan's layout, precision, layer implementation and attention
+backend), DDP, optimizer, LR schedule; the data iterators are `training.app.setup_data`'s.
+Megatron-Core only, no megatron/training."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +18,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from splitllama.config.job import JobConfig
-from splitllama.config.resolve import RunPlan
+from splitllama.preflight.resolve import RunPlan
 from splitllama.model.build import attention_summary, build_stage
 from splitllama.model.megatron_config import Numerics
 from splitllama.model.model import SplitLlamaModel
@@ -32,7 +34,7 @@ log = logging.getLogger("splitllama")
 
 @dataclass
 class Runtime:
-    plan: RunPlan  # what the run was resolved to (splitllama.config.resolve)
+    plan: RunPlan  # what the run was resolved to (splitllama.preflight.resolve)
     ddp: DistributedDataParallel
     inner: SplitLlamaModel
     optimizer: object
@@ -78,7 +80,7 @@ def build_runtime(plan: RunPlan) -> Runtime:
     world size) and build the model stage, DDP, optimizer and LR schedule."""
     job = plan.job
     par, tr = job.parallel, job.train
-    on_cpu = init_distributed(par, seed=tr.seed)
+    on_cpu = init_distributed(par, seed=tr.seed, on_cpu=plan.on_cpu)
     if dist.get_world_size() != plan.world_size or on_cpu != plan.on_cpu:
         raise RuntimeError(f"the run was resolved for {plan.world_size} process(es) on "
                            f"{'cpu' if plan.on_cpu else 'cuda'}, but torch.distributed started "
@@ -89,7 +91,8 @@ def build_runtime(plan: RunPlan) -> Runtime:
                         recompute_granularity=plan.recompute.granularity,
                         recompute_method=plan.recompute.method,
                         recompute_num_layers=plan.recompute.num_layers)
-    built = build_stage(job.model, par, numerics, layout)
+    built = build_stage(job.model, par, numerics, layout, impl=plan.transformer_impl,
+                        backend=plan.attention_backend)
     inner = built.model
     if dist.get_rank() == 0:
         print(attention_summary(built, plan.tp), flush=True)

@@ -20,7 +20,7 @@ def run_case(case: dict) -> None:
     from splitllama.config.job import JobConfig
     from splitllama.training.app import setup_data
     from splitllama.training.loop import _schedule_kwargs
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 

@@ -36,7 +36,7 @@ def run_case(case: dict) -> None:
     from splitllama.convert.live import global_name, load_full_weights
     from splitllama.convert.mapping import hf_to_mcore, mappings, mcore_to_hf
     from splitllama.training.loop import _schedule_kwargs
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
     from splitllama.training.step import forward_step
 

@@ -1,7 +1,7 @@
 """Pipeline parallelism across the 4096/8192-style width boundary: logits, losses and the
 gradients of every stage at PP=2, PP=4 and TP=2×PP=2 equal the transformers reference
 (which PP=1 is also checked against), for plans with the adapter inside a stage, ending one
-and starting one; and no rank builds a parameter its stage does not own.
+and starting one, and with a head-only (``...|H``) or embedding-only (``E|...``) stage; and no rank builds a parameter its stage does not own.
 
 Megatron fp32 vs HF float64; tolerances as in test_tp_parity."""
 from __future__ import annotations
@@ -35,6 +35,10 @@ CASES = {
     "tp2pp2_adapter_ends_stage": (4, 2, 2, "L2,A|U3", False, False),
     "tp2pp2_sp_adapter_starts_stage": (4, 2, 2, "L2|A,U3", True, True),
     "pp2_sdpa_adapter_inside_mlp": (2, 1, 2, "L1|L1,A,U3", False, True),
+    # head / embedding stages of their own (no decoder layers on that stage)
+    "pp3_head_stage": (3, 1, 3, "L2,A|U3|H", False, False),
+    "pp3_embedding_stage_mlp": (3, 1, 3, "E|L2,A,U1|U2", False, True),
+    "tp2pp2_sp_head_stage": (4, 2, 2, "L2,A,U3|H", True, False),
 }
 BACKEND = {"pp2_sdpa_adapter_inside_mlp": "sdpa"}  # every other case: Megatron's local attention
 

@@ -23,7 +23,7 @@ def _write_profile(path: str, **key_over) -> str:
     from splitllama.pipeline.measured import (Profile, StepCosts, UnitTiming, job_key, stage_overhead,
                                               units_from_profile, write_profile)
     from splitllama.pipeline.plan import plan
-    from splitllama.pipeline.profile import environment_key
+    from splitllama.preflight.profile_source import environment_key
 
     job = load_job_config(str(REPO / "configs" / "tiny.yaml"), ["parallel.pipeline_model_parallel_size=2"])
     key = {**job_key(job), **environment_key(job), "threads": 1, **key_over}  # apprun: OMP_NUM_THREADS=1

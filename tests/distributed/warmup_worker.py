@@ -18,7 +18,7 @@ def main() -> None:
     from splitllama.config.job import load_job_config
     from splitllama.training.app import setup_data
     from splitllama.training.loop import train_step
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
 
     out, overrides = sys.argv[1], sys.argv[2:]

@@ -10,7 +10,7 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 
-from splitllama.data.config import DataConfig
+from splitllama.config.data import DataConfig
 from splitllama.data.packing import PackedDocumentDataset, greedy_pack, pack_sample, packed_seq_params
 from splitllama.model.attention import SDPAttention, check_packing_support, resolve_backend
 

@@ -126,13 +126,13 @@ def test_export_of_a_file_names_it(ckpt, tmp_path, capsys):
 
 
 def test_training_load_of_a_truncated_distcp_is_one_line(ckpt, capsys, monkeypatch):
-    from splitllama.training import app, signals
+    from splitllama.training import entry, signals
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(signals, "install", lambda: None)  # keep pytest's own SIGTERM handling
     _truncate_distcp(_iter_dir(ckpt))
-    rc = app.main(["--config", "configs/tiny.yaml", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
+    rc = entry.main(["--config", "configs/tiny.yaml", f"checkpoint.load={ckpt}", "checkpoint.finetune=true",
                    "train.eval_only=true"])
     _one_error(capsys, rc, "is damaged", ".distcp is truncated")
 

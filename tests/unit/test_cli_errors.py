@@ -17,7 +17,7 @@ from splitllama.config.model import PRESETS, ModelConfig
 from splitllama.data.datasets import check_index_sizes, check_prefix
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.errors import UsageError, cli_main, one_line
-from splitllama.training import app, signals
+from splitllama.training import app, entry, signals
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]
@@ -85,14 +85,14 @@ def test_training_bad_input_is_one_line_exit_2(case, tmp_path, monkeypatch, caps
     make, env, pattern = TRAIN_CASES[case]
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    rc = app.main(make(tmp_path))
+    rc = entry.main(make(tmp_path))
     _one_error(capsys, rc, pattern)
 
 
 def test_other_ranks_print_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert app.main(TINY + ["train.micro_batch_size=0"]) == 2
+    assert entry.main(TINY + ["train.micro_batch_size=0"]) == 2
     out = capsys.readouterr()
     assert out.err == "" and "error" not in out.out
 
@@ -103,7 +103,7 @@ def test_unexpected_failure_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(app, "build_runtime", boom)
     with pytest.raises(RuntimeError, match="a bug, not bad input"):
-        app.main(TINY + ["train.train_iters=1"])
+        entry.main(TINY + ["train.train_iters=1"])
 
 
 def test_one_line_names_files_and_flattens():
@@ -127,7 +127,7 @@ def test_model_conflict_names_each_differing_field(tmp_path, capsys):
 
     other = ModelConfig(lower=replace(PRESETS["tiny_lower"], intermediate_size=176), num_layers_upper=2)
     root = _fake_checkpoint(tmp_path / "ckpt", other)
-    rc = app.main(TINY + [f"checkpoint.load={root}", "train.eval_only=true"])
+    rc = entry.main(TINY + [f"checkpoint.load={root}", "train.eval_only=true"])
     line = _one_error(capsys, rc, r"model\.lower\.intermediate_size: config 160, checkpoint 176")
     assert "model.num_layers_upper: config 3, checkpoint 2" in line
 
@@ -135,7 +135,7 @@ def test_model_conflict_names_each_differing_field(tmp_path, capsys):
 def test_corrupt_model_config_json(tmp_path, capsys):
     root = _fake_checkpoint(tmp_path / "ckpt", ModelConfig())
     (root / dirs.iter_dirname(3) / dirs.MODEL_CONFIG).write_text("{not json")
-    rc = app.main(TINY + [f"checkpoint.load={root}", "train.eval_only=true"])
+    rc = entry.main(TINY + [f"checkpoint.load={root}", "train.eval_only=true"])
     _one_error(capsys, rc, r"model_config\.json: corrupt JSON")
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from splitllama.config.job import load_job_config
 from splitllama.config.model import ModelConfig
-from splitllama.config.resolve import units_for_job
+from splitllama.preflight.resolve import units_for_job
 from splitllama.pipeline.cost import CAUSAL_ATTENTION_FACTOR, layer_param_counts, units_for
 
 CFG = str(Path(__file__).resolve().parents[2] / "configs" / "llama3_8b_70b.yaml")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitllama.data.config import DataConfig
+from splitllama.config.data import DataConfig
 from splitllama.data.datasets import build_datasets
 from splitllama.data.iterator import build_data_iterator
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from splitllama.data.config import DataConfig
+from splitllama.config.data import DataConfig
 from splitllama.data.datasets import build_datasets, check_token_ids
 from splitllama.data.preprocess import TokenizerSpec, preprocess_jsonl
 from splitllama.data.tokenizers import NullTokenizer

@@ -13,7 +13,7 @@ import pytest
 
 
 def _cfgs(prefix: str, cache: str):
-    from splitllama.data.config import DataConfig
+    from splitllama.config.data import DataConfig
 
     return {
         "gpt": DataConfig(mock=False, data_path=[prefix], split="8,2,0", seq_length=8,

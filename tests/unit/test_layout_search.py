@@ -67,8 +67,8 @@ def brute_force(model_cfg, gpus, gpus_per_node, seq, gb, budget, source):
                 mb = gb // (mbs * dp)
                 for rc in ("none", "selective", "full"):
                     units = source(model_cfg, seq, mbs, tp, dp, rc, sequence_parallel=tp > 1)
-                    for sizes in compositions(n + 1 + m_up, pp):
-                        p = evaluate(PipelineLayout.from_counts(sizes, n, m_up), units, pp, budget, mb)
+                    for sizes in compositions(n + 3 + m_up, pp):  # E / H stages of their own too
+                        p = evaluate(PipelineLayout.from_chain_counts(sizes, n, m_up), units, pp, budget, mb)
                         key = (tp, pp, dp, mbs, rc)
                         if p.fits and (key not in best or p.step_time_s < best[key][0]):
                             best[key] = (p.step_time_s, max(st.memory_total for st in p.stages))

@@ -61,6 +61,11 @@ def test_every_mapping_round_trips_and_shards(mlp, head):
                 assert torch.equal(full[r0:r0 + t.shape[0]], t), m.mcore
         shards = [m.shard(full, 2, r) for r in range(2)]
         assert torch.equal(m.unshard(shards), full), m.mcore
+        for r, s in enumerate(shards):  # the live stream's in-place gather: views of the full tensor
+            views = m.shard_views(full, 2, r)
+            assert all(v.data_ptr() >= full.data_ptr() and v.untyped_storage().data_ptr() == full.data_ptr()
+                       for v in views), m.mcore
+            assert torch.equal(torch.cat(views, dim=m.tp_axis or 0), s), m.mcore
         if m.tp_axis is None:
             assert all(torch.equal(s, full) for s in shards), m.mcore
             continue

@@ -15,12 +15,12 @@ import pytest
 
 from splitllama.config.job import load_job_config
 from splitllama.errors import UsageError
-from splitllama.pipeline import measured
 from splitllama.pipeline.cost import Hardware, units_for
 from splitllama.pipeline.layout import PipelineLayout
 from splitllama.pipeline.measured import (Profile, StepCosts, UnitTiming, calibrate, fit_hardware, job_key,
                                           load_profile, stage_overhead, units_from_profile, write_profile)
-from splitllama.config.resolve import split_costs, stage_plan, units_for_job
+from splitllama.preflight import profile_source
+from splitllama.preflight.resolve import split_costs, stage_plan, units_for_job
 from splitllama.pipeline.plan import StageOverhead, evaluate, one_f_one_b_makespan, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def _job(*overrides):
 
 
 def _profile(job, times=TIMES, **key) -> Profile:
-    from splitllama.pipeline.profile import environment_key
+    from splitllama.preflight.profile_source import environment_key
 
     k = {**job_key(job), **environment_key(job), **key}
     return Profile(k, {kind: UnitTiming(f, b) for kind, (f, b) in times.items()}, COSTS, {"synthetic": True})
@@ -45,12 +45,12 @@ def _profile(job, times=TIMES, **key) -> Profile:
 @pytest.fixture
 def no_profiling(monkeypatch):
     """Fail the test if anything tries to take a profile."""
-    from splitllama.pipeline import profile as prof_mod
+    from splitllama.planning import profile as prof_mod
 
     def boom(*a, **k):
         raise AssertionError("re-profiled although a profile exists")
     monkeypatch.setattr(prof_mod, "take_profile", boom)
-    monkeypatch.setattr(prof_mod, "take_profile_for_job", boom)
+    monkeypatch.setattr(profile_source, "take_profile_for_job", boom)
 
 
 def test_profile_reused_not_retaken(tmp_path, no_profiling):
@@ -77,9 +77,9 @@ def test_missing_profile_taken_only_when_asked(tmp_path):
         calls.append(p)
         write_profile(_profile(j), p)
     job = _job("parallel.pipeline_split=profile", f"parallel.profile_file={path}", "parallel.profile_if_missing=true")
-    prof = measured.job_profile(job, take=fake_take)
+    prof = profile_source.job_profile(job, take=fake_take)
     assert calls == [path] and prof.units["upper"].fwd_s == TIMES["upper"][0]
-    measured.job_profile(job, take=fake_take)  # the file now exists: not taken again
+    profile_source.job_profile(job, take=fake_take)  # the file now exists: not taken again
     assert calls == [path]
 
 
@@ -246,7 +246,7 @@ def test_profile_measures_contention_of_an_oversubscribed_host(tmp_path):
     pp = cores + 2
     out = str(tmp_path / "oversubscribed.json")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", TINY,
+    r = subprocess.run([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", TINY,
                         "--profile-out", out, "--reps", "6", f"parallel.pipeline_model_parallel_size={pp}"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

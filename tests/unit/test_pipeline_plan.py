@@ -16,7 +16,7 @@ from splitllama.config.job import load_job_config
 from splitllama.config.model import ModelConfig
 from splitllama.pipeline.cost import Unit, units_for
 from splitllama.pipeline.layout import PipelineLayout
-from splitllama.config.resolve import check_parallel, stage_plan
+from splitllama.preflight.resolve import check_parallel, stage_plan
 from splitllama.pipeline.plan import GiB, evaluate, params_balanced, plan, uniform
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,12 +40,22 @@ def compositions(n: int, k: int):
         yield [b[i + 1] - b[i] for i in range(k)]
 
 
-def brute_force(units, pp, budget=None, m=None):
+def chain_splits(n_lo, n_up, pp, end_stages=True):
+    """Every whole-chain split (embedding and head counted) into pp non-empty stages; without
+    end_stages none holds the embedding or the head alone."""
+    n = n_lo + n_up + 3
+    for sizes in compositions(n, pp):
+        if not end_stages and pp > 1 and (sizes[0] == 1 or sizes[-1] == 1):
+            continue
+        yield PipelineLayout.from_chain_counts(sizes, n_lo, n_up)
+
+
+def brute_force(units, pp, budget=None, m=None, end_stages=True):
     n_lo = sum(u.kind == "lower" for u in units)
     n_up = sum(u.kind == "upper" for u in units)
     best = None
-    for sizes in compositions(n_lo + 1 + n_up, pp):
-        p = evaluate(PipelineLayout.from_counts(sizes, n_lo, n_up), units, pp, budget, m)
+    for layout in chain_splits(n_lo, n_up, pp, end_stages):
+        p = evaluate(layout, units, pp, budget, m)
         if p.fits and (best is None or p.bottleneck_time < best.bottleneck_time):
             best = p
     return best
@@ -64,27 +74,29 @@ def test_planner_equals_brute_force(seed):
     pp = rng.randint(1, min(5, n_core))
     units = random_chain(rng, n_lower, n_upper, integer=seed % 3 == 0)  # integers force ties
     m = rng.choice([None, 1, 2, 8])
+    ends = seed % 4 != 3  # head / embedding stages allowed (the default) or not
     budget = None
     if seed % 2:  # a budget that some (maybe no) plans meet
-        mems = [s.memory_total for sizes in compositions(n_core, pp)
-                for s in evaluate(PipelineLayout.from_counts(sizes, n_lower, n_upper), units, pp, None, m).stages]
+        mems = [s.memory_total for layout in chain_splits(n_lower, n_upper, pp, ends)
+                for s in evaluate(layout, units, pp, None, m).stages]
         budget = rng.choice(sorted(mems))
-    ref = brute_force(units, pp, budget, m)
+    ref = brute_force(units, pp, budget, m, ends)
     if ref is None:
         with pytest.raises(ValueError, match="no .*pipeline plan fits the memory budget"):
-            plan(units, pp, memory_budget=budget, num_microbatches=m)
+            plan(units, pp, memory_budget=budget, num_microbatches=m, end_stages=ends)
         return
-    got = plan(units, pp, memory_budget=budget, num_microbatches=m)
+    got = plan(units, pp, memory_budget=budget, num_microbatches=m, end_stages=ends)
     assert got.bottleneck_time == pytest.approx(ref.bottleneck_time, rel=1e-12, abs=1e-12)
     assert got.fits and got.layout.pp == pp
     got.layout.validate(n_lower, n_upper, pp)  # no empty stage, adapter in one place
-    assert all(s.lower_layers or s.adapter or s.upper_layers for s in got.layout.stages)
+    assert PipelineLayout.parse(str(got.layout)) == got.layout  # E / H stages print and parse back
+    if not ends:
+        assert all(s.lower_layers or s.adapter or s.upper_layers for s in got.layout.stages)
     # tie-break: the smallest sum of squared stage times among the optimal plans
-    optimal = [evaluate(PipelineLayout.from_counts(sz, n_lower, n_upper), units, pp, budget, m)
-               for sz in compositions(n_core, pp)]
+    optimal = [evaluate(layout, units, pp, budget, m) for layout in chain_splits(n_lower, n_upper, pp, ends)]
     optimal = [p for p in optimal if p.fits and p.bottleneck_time <= ref.bottleneck_time * (1 + 1e-9) + 1e-12]
     assert sum_sq(got) == pytest.approx(min(sum_sq(p) for p in optimal), rel=1e-9, abs=1e-12)
-    assert plan(units, pp, memory_budget=budget, num_microbatches=m).layout == got.layout  # deterministic
+    assert plan(units, pp, memory_budget=budget, num_microbatches=m, end_stages=ends).layout == got.layout
 
 
 def chain_from_times(lower, adapter, upper, emb=0.0, head=0.0) -> list[Unit]:

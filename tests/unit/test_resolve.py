@@ -1,4 +1,4 @@
-"""The resolve step (splitllama/config/resolve.py): pure (no process group, the job unchanged),
+"""The resolve step (splitllama/preflight/resolve.py): pure (no process group, the job unchanged),
 the derived values (dp, micro-batch count, layout, precision, recompute, effective vocab) and
 the same error messages as the checks it gathers."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from splitllama.config.job import JobConfig, load_job_config
-from splitllama.config.resolve import RunPlan, num_microbatches, resolve
+from splitllama.preflight.resolve import RunPlan, num_microbatches, resolve
 from splitllama.pipeline.cost import units_for
 from splitllama.pipeline.plan import plan
 
@@ -38,7 +38,7 @@ def test_resolve_is_pure(monkeypatch):
     before, deep = job.to_dict(), copy.deepcopy(job)
     p = resolve(job, 4)
     assert job.to_dict() == before and job == deep and job.explicit == deep.explicit  # the job is unchanged
-    assert job.data.vocab_size is None and p.job.data.vocab_size == 512 and p.vocab_size == 512
+    assert job.data.vocab_size is None and p.job.data.vocab_size == 512
     assert p.job.model is job.model and p.job.train is job.train  # only the differing section is new
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.dp = 3  # type: ignore[misc]
@@ -47,7 +47,7 @@ def test_resolve_is_pure(monkeypatch):
 def test_parallel_sizes_and_microbatches():
     p = resolve(tiny(), 1, on_cpu=True)
     assert (p.world_size, p.tp, p.pp, p.dp, p.num_microbatches) == (1, 1, 1, 1, 2)  # 8 / (4 x 1)
-    assert str(p.layout) == "L2,A,U3" and p.stage_plan is None and p.sequence_parallel is False
+    assert str(p.layout) == "L2,A,U3" and p.stage_plan is None and p.job.parallel.sequence_parallel is False
     p = resolve(tiny(), 2, on_cpu=True)
     assert (p.dp, p.num_microbatches) == (2, 1)
     p = resolve(tiny("parallel.pipeline_model_parallel_size=2", "train.micro_batch_size=1"), 4, on_cpu=True)
@@ -57,7 +57,7 @@ def test_parallel_sizes_and_microbatches():
     assert p.stage_plan is not None and p.stage_plan.layout == p.layout == ref.layout
     assert p.stage_plan.num_microbatches == p.num_microbatches
     p = resolve(tiny("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"), 2, on_cpu=True)
-    assert (p.tp, p.dp, p.sequence_parallel) == (2, 1, True)
+    assert (p.tp, p.dp, p.job.parallel.sequence_parallel) == (2, 1, True)
     assert num_microbatches(tiny().train, 16) == 1  # never below one (the planning tool's case)
 
 
@@ -104,7 +104,25 @@ def test_errors_name_the_problem(overrides, world, message):
 
 
 def test_runplan_fields_are_documented():
-    import splitllama.config.resolve as mod
+    import splitllama.preflight.resolve as mod
 
     for f in dataclasses.fields(RunPlan):
         assert f"``{f.name}``" in mod.__doc__, f"RunPlan.{f.name} is not listed in the module docstring"
+
+
+def test_compute_decisions_are_made_once_into_the_plan():
+    """Device, precision, layer implementation and attention backend: `compute_choices` decides,
+    the plan carries them, and the profile key is made of the same decisions."""
+    from splitllama.preflight.compute import compute_choices
+    from splitllama.preflight.profile_source import environment_key
+
+    p = resolve(tiny(), 1, on_cpu=True)  # no Transformer Engine here: auto -> local + sdpa; CPU -> fp32
+    assert (p.on_cpu, p.bf16, p.transformer_impl, p.attention_backend) == (True, False, "local", "sdpa")
+    p = resolve(tiny("model.attention_backend=local", "train.bf16=true"), 1, on_cpu=True)
+    assert (p.bf16, p.attention_backend) == (True, "local")
+    assert resolve(tiny(), 1, on_cpu=False).bf16 is True  # null: bf16 on GPU
+    with pytest.raises(ValueError, match="attention_backend=transformer_engine needs"):
+        resolve(tiny("model.attention_backend=transformer_engine", "model.transformer_impl=local"), 1)
+    c, key = compute_choices(tiny()), environment_key(tiny())
+    assert (key["device"] == "cpu") == c.on_cpu and key["dtype"] == ("bf16" if c.bf16 else "fp32")
+    assert (key["transformer_impl"], key["attention_backend"]) == (c.transformer_impl, c.attention_backend)

@@ -39,55 +39,18 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from splitllama.pipeline.measured import Profile, StepCosts, UnitTiming, job_key, write_profile
 from splitllama.platform.device import device as local_device
+from splitllama.preflight.profile_source import environment_key, job_yaml, standalone_env
+from splitllama.training.runtime import Runtime
 
 GPU_P2P_ESTIMATE = (10e-6, 1.0 / 100e9)  # latency s, s/byte: stated estimate without a second rank
 PING_BYTES = 4096
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        mc = version("megatron-core")
-    except PackageNotFoundError:
-        import megatron.core
-
-        mc = getattr(megatron.core, "__version__", "unknown")
-    return {"torch": torch.__version__, "megatron_core": mc}
-
-
-def environment_key(job) -> dict:
-    """The environment part of a profile key, for the device this process runs on."""
-    from splitllama.model.attention import resolve_backend
-    from splitllama.model.spec import resolve_impl
-    from splitllama.platform import cpu
-
-    on_cpu = cpu.wanted()
-    bf16 = job.train.bf16 if job.train.bf16 is not None else not on_cpu
-    impl = resolve_impl(job.model.transformer_impl)
-    return {"device": "cpu" if on_cpu else "cuda",
-            "device_name": _cpu_name() if on_cpu else torch.cuda.get_device_name(),
-            "dtype": "bf16" if bf16 else "fp32", "transformer_impl": impl,
-            "attention_backend": resolve_backend(job.model.attention_backend, impl),
-            "threads": torch.get_num_threads() if on_cpu else None, **_versions()}
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                        platform.processor() or "cpu")
-    except OSError:
-        return platform.processor() or "cpu"
 
 
 def _profile_job(job):
@@ -109,7 +72,7 @@ def _median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def _unit_fns(rt, seq: int, b: int):
+def _unit_fns(rt: Runtime, seq: int, b: int):
     """kind -> fn() returning (output, grad-or-None) for one micro-batch, in chain order."""
     from megatron.core import parallel_state as ps
 
@@ -130,8 +93,7 @@ def _unit_fns(rt, seq: int, b: int):
         return inner.embedding(input_ids=tokens, position_ids=pos), True
 
     def block(name: str, h: int):
-        return lambda: (inner._block(getattr(inner, name), getattr(inner, f"{name}_rotary"), act(h),
-                                     None, None, None), True)
+        return lambda: (inner.run_block(name, act(h)), True)
 
     def adapter():
         return inner.adapter(act(m.lower.hidden_size)), True
@@ -147,7 +109,7 @@ def _unit_fns(rt, seq: int, b: int):
             "upper": block("upper", m.upper.hidden_size), "head": head}
 
 
-def _time_units(rt, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> dict:
+def _time_units(rt: Runtime, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> dict:
     now = _timer(on_cuda)
     fns = _unit_fns(rt, seq, b)
     fwd = {k: [] for k in fns}
@@ -173,7 +135,7 @@ def _time_units(rt, seq: int, b: int, warmup: int, reps: int, on_cuda: bool) -> 
                           tuple(fwd[k]), tuple(bwd[k])) for k in fns}
 
 
-def _time_step_costs(rt, reps: int, on_cuda: bool) -> tuple[float, float, int]:
+def _time_step_costs(rt: Runtime, reps: int, on_cuda: bool) -> tuple[float, float, int]:
     """(optimizer s/param, grad finalisation s/param, local params) — medians over ``reps``."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
@@ -269,30 +231,6 @@ def _p2p_costs(boundary_bytes: int, on_cuda: bool, reps: int = 20) -> tuple[floa
     return lat, per, "measured: 2-process gloo spawn ping-pong on this host"
 
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-               "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
-
-
-def _standalone_env(**extra: str) -> dict:
-    """This process's environment without torchrun's launch variables, for a separate, one-process
-    helper (a profile or a contention load) started from inside a launch. ``TORCHELASTIC_*`` go
-    too: with TORCHELASTIC_USE_AGENT_STORE=True (torch 2.13's torchrun sets it) the helper's
-    one-process ``init_process_group`` would wait forever for the launch agent's store."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("TORCHELASTIC_")}
-    env.update(extra)
-    return env
-
-
-def _job_yaml(job, directory: str) -> str:
-    """Write the job as a config file for such a helper; returns its path."""
-    import yaml
-
-    path = os.path.join(directory, "job.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
-    return path
-
-
 CONTENTION_ROUNDS = 4  # alternating alone / loaded timings; the median of the rounds' ratios
 
 
@@ -300,7 +238,7 @@ def unit_load(job, control_dir: str) -> None:
     """Background stage process for `_contention`: build the profile's one-stage model and run
     its units' forward + backward in a loop while ``control_dir/go`` exists; exit once
     ``control_dir/stop`` exists (``control_dir/ready.<pid>`` says the model is built)."""
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
 
     rt = build_runtime(run_plan(_profile_job(job)))
@@ -317,7 +255,7 @@ def unit_load(job, control_dir: str) -> None:
             del y
 
 
-def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, int, str]:
+def _contention(rt: Runtime, job, reps: int, timeout_s: float = 300.0) -> tuple[float, int, str]:
     """(host_contention, contention_procs, source): see the module docstring."""
     pp = job.parallel.pipeline_model_parallel_size
     if local_device().type == "cuda":
@@ -327,15 +265,15 @@ def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, in
     if pp < 2:
         return 1.0, 2, "not measured (pipeline_model_parallel_size=1: one process computes)"
     seq, b = job.data.seq_length, job.train.micro_batch_size
-    env = _standalone_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = standalone_env(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
     def chain_s(timed: dict) -> float:
         return sum(t.fwd_s + t.bwd_s for t in timed.values())
 
     ratios, per_round = [], max(3, reps // 2)
     with tempfile.TemporaryDirectory(prefix="splitllama_contention_") as ctl:
-        cfg = _job_yaml(job, ctl)
-        procs = [subprocess.Popen([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
+        cfg = job_yaml(job, ctl)
+        procs = [subprocess.Popen([sys.executable, "-m", "splitllama.planning.profile_cli", "--config", cfg,
                                    "--unit-load", ctl], env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for _ in range(pp - 1)]
         try:
@@ -374,7 +312,7 @@ def _contention(rt, job, reps: int, timeout_s: float = 300.0) -> tuple[float, in
 def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True, contention: bool = True) -> Profile:
     """Profile the job's units on this device (initialises torch.distributed at the job's TP when
     it is not running yet: under torchrun every rank must call this)."""
-    from splitllama.training.preflight import run_plan
+    from splitllama.preflight.launch import run_plan
     from splitllama.training.runtime import build_runtime
 
     t_start = time.perf_counter()
@@ -396,33 +334,6 @@ def take_profile(job, warmup: int = 3, reps: int = 10, p2p: bool = True, content
             "seconds": time.perf_counter() - t_start,
             "peak_memory": "CUDA max_memory_allocated per unit" if on_cuda else "null: not measured on CPU"}
     return Profile(key, units, costs, meta)
-
-
-def take_profile_for_job(job, path: str, timeout_s: float = 1800.0) -> None:
-    """``parallel.profile_if_missing``: profile in a fresh process (the job's own process group
-    is not up yet) and write ``path``; other ranks of a launch wait for the file."""
-    from splitllama.errors import UsageError
-
-    if job.parallel.tensor_model_parallel_size > 1:
-        raise UsageError(f"parallel.profile_if_missing cannot profile at tensor_model_parallel_size="
-                         f"{job.parallel.tensor_model_parallel_size} before the job starts; profile first: "
-                         f"torchrun --nproc-per-node={job.parallel.tensor_model_parallel_size} "
-                         f"tools/plan_pipeline.py --config JOB.yaml --profile --profile-out {path}")
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        t0 = time.time()
-        while not os.path.isfile(path):
-            if time.time() - t0 > timeout_s:
-                raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to write the profile {path}")
-            time.sleep(1.0)
-        return
-    with tempfile.TemporaryDirectory(prefix="splitllama_profile_") as tmp:
-        cfg = _job_yaml(job, tmp)
-        env = _standalone_env()
-        print(f"profiling the job's units into {path} (parallel.profile_if_missing=true) ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "splitllama.pipeline.profile_cli", "--config", cfg,
-                            "--profile-out", path], env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise RuntimeError(f"profiling failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
 
 
 def save(profile: Profile, path: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from splitllama.config.job import JobConfig
-from splitllama.config.resolve import RunPlan, resolve
+from splitllama.preflight.resolve import RunPlan, resolve
 
 
 def world_size() -> int:

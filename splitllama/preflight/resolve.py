@@ -6,17 +6,19 @@ profile ``parallel.profile_file`` when one is configured; the job is not modifie
 
 * ``job``: the validated sections as the run uses them. A value that must differ from the
   loaded one is set with `dataclasses.replace`, never by assignment: the null tokenizer's
-  ``data.vocab_size`` defaults to the model's vocabulary (``vocab_size`` names it too);
+  ``data.vocab_size`` defaults to the model's vocabulary;
 * ``world_size``, ``tp``, ``pp``, ``dp``: the parallel layout (world = tp x pp x dp);
-* ``sequence_parallel``: effective sequence parallelism (only with tp > 1);
 * ``num_microbatches``: micro-batches per step on one data-parallel rank
   (`num_microbatches` below is the one place it is computed);
 * ``layout``: the `PipelineLayout` this run builds, and ``stage_plan``: the planner's
   `StagePlan` costing it (when PP > 1, an explicit layout or a memory budget is set; else None);
-* ``split``: the `SplitInputs` that plan was made over (the unit costs, analytic or from a
-  profile, derived once per run; None with ``stage_plan``);
-* ``on_cpu``, ``bf16``: where the run computes and the effective precision
-  (``train.bf16`` null: bf16 on GPU, fp32 on CPU);
+* ``split``: the `SplitInputs` its layout was chosen / costed on (the unit costs, analytic or
+  from a profile, derived once per run; None at PP=1 without a memory budget);
+* ``on_cpu``, ``bf16``, ``transformer_impl``, ``attention_backend``: where the run computes
+  (on CPU: the CPU harness), the effective precision (``train.bf16`` null: bf16 on GPU, fp32 on
+  CPU), the layer implementation (`resolve_impl`) and the core attention (`resolve_backend`),
+  decided once by `compute_choices` (the profile key of `profile_source.environment_key` too);
+  the model build, the runtime and the start-up report read them from the plan;
 * ``recompute``: the effective activation recomputation (`Recompute`).
 
 `stage_plan` (the split method of ``parallel.pipeline_layout`` / ``parallel.pipeline_split``)
@@ -25,8 +27,10 @@ unit costs come from: the analytic model, calibrated by a profile when one is se
 measured units and per-stage costs of a profile for ``pipeline_split=profile``) serve `tools/plan_pipeline.py` and the benchmarks too; the planner in
 `splitllama.pipeline.plan` takes only those narrow arguments, never the job.
 
-No torch, Megatron-Core or process group at import: the few checks that need the attention /
-layer implementation import them when called.
+Pure but for the profile: no process group, and no torch or Megatron-Core at import (the
+decisions on the layer implementation and attention backend import `splitllama.model` when
+called; a missing profile with ``parallel.profile_if_missing`` is taken by a helper process,
+`profile_source`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from splitllama.config.job import JobConfig
 from splitllama.config.train import TrainConfig
 from splitllama.pipeline.cost import Hardware, Unit, units_for
 from splitllama.pipeline.layout import PipelineLayout
+from splitllama.preflight.compute import compute_choices
 from splitllama.pipeline.plan import (GiB, StageOverhead, StagePlan, evaluate, microbatches_per_step,
                                       params_balanced, plan, uniform)
 
@@ -72,15 +77,15 @@ class RunPlan:
     tp: int
     pp: int
     dp: int
-    sequence_parallel: bool
     num_microbatches: int
     layout: PipelineLayout
     stage_plan: Optional[StagePlan]
     split: Optional[SplitInputs]  # the unit costs the layout was chosen / costed on
-    on_cpu: bool
+    on_cpu: bool  # computes on CPU: gloo and the CPU harness
     bf16: bool
+    transformer_impl: str  # "transformer_engine" | "local"
+    attention_backend: str  # "sdpa" | "local" | "transformer_engine"
     recompute: Recompute
-    vocab_size: Optional[int]  # the data's vocabulary (null tokenizer); None: the tokenizer's own
 
 
 def num_microbatches(train: TrainConfig, dp: int) -> int:
@@ -94,31 +99,28 @@ def resolve(job: JobConfig, world_size: int, *, on_cpu: Optional[bool] = None,
     as it is). ``on_cpu``: whether the run computes on CPU (None: as
     `splitllama.platform.cpu.wanted` decides, without enabling anything). Raises ValueError
     naming the first problem."""
-    par, tr = job.parallel, job.train
+    tr = job.train
     tp, pp, dp = check_parallel(job, world_size)
     tr.validate(dp)
     job.checkpoint.validate()
     job.logging.validate()
+    job.rl.validate()
     check_model(job)
     data = job.data
     if data.tokenizer_type == "null" and data.vocab_size is None:
         data = dataclasses.replace(data, vocab_size=job.model.vocab_size)  # synthetic ids span the model's vocab
     data.validate()
     effective = dataclasses.replace(job, data=data) if data is not job.data else job
-    check_packing(effective)
+    compute = compute_choices(effective, on_cpu)
+    check_packing(effective, compute.attention_backend)
     layout, costed, split = _choose_layout(effective, dp, hardware)
-    if on_cpu is None:
-        from splitllama.platform import cpu
-
-        on_cpu = cpu.wanted()
     full = tr.recompute_granularity == "full"
     recompute = Recompute(tr.recompute_granularity, (tr.recompute_method or "uniform") if full else None,
                           (tr.recompute_num_layers or 1) if full else None)
     return RunPlan(job=effective, world_size=world_size, tp=tp, pp=pp, dp=dp,
-                   sequence_parallel=par.sequence_parallel and tp > 1,
                    num_microbatches=num_microbatches(tr, dp), layout=layout, stage_plan=costed, split=split,
-                   on_cpu=on_cpu, bf16=tr.bf16 if tr.bf16 is not None else not on_cpu,
-                   recompute=recompute, vocab_size=data.vocab_size)
+                   on_cpu=compute.on_cpu, bf16=compute.bf16, transformer_impl=compute.transformer_impl,
+                   attention_backend=compute.attention_backend, recompute=recompute)
 
 
 # ---- checks (shared with tools/plan_pipeline.py) ---------------------------------------------
@@ -138,14 +140,14 @@ def check_model(job: JobConfig) -> None:
     m.check_seq_length(job.data.seq_length)
 
 
-def check_packing(job: JobConfig) -> None:
-    """Document masking / packing the attention backend cannot honour, and packs that would not
-    be one per micro-batch, are refused (ValueError naming the flag)."""
-    from splitllama.model.attention import check_packing_support, resolve_backend
-    from splitllama.model.spec import resolve_impl
+def check_packing(job: JobConfig, backend: Optional[str] = None) -> None:
+    """Document masking / packing the attention backend (resolved; None: `compute_choices`
+    decides) cannot honour, and packs that would not be one per micro-batch, are refused
+    (ValueError naming the flag)."""
+    from splitllama.model.attention import check_packing_support
 
     d = job.data
-    backend = resolve_backend(job.model.attention_backend, resolve_impl(job.model.transformer_impl))
+    backend = backend or compute_choices(job).attention_backend
     check_packing_support(backend, reset_attention_mask=d.reset_attention_mask, packed_sequences=d.packed_sequences)
     if d.packed_sequences and job.train.micro_batch_size != 1:
         raise ValueError(f"data.packed_sequences needs train.micro_batch_size=1 (one pack of "
@@ -170,10 +172,11 @@ def split_costs(job: JobConfig, dp: int, hardware: Optional[Hardware] = None,
     ``parallel.profile_file``; otherwise the analytic cost model, with `calibrate`d hardware when
     a profile file is set and no ``hardware`` is given (H100 defaults without one)."""
     from splitllama.pipeline import measured
+    from splitllama.preflight import profile_source
 
     par = job.parallel
     if profile is None and par.profile_file and (par.pipeline_split == "profile" or hardware is None):
-        profile = measured.job_profile(job)
+        profile = profile_source.job_profile(job)
     if par.pipeline_split == "profile":
         return (measured.units_from_profile(profile, job.model, dp, par.use_distributed_optimizer),
                 measured.stage_overhead(profile, dp, par.use_distributed_optimizer))

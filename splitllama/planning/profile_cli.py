@@ -29,7 +29,7 @@ from splitllama.pipeline.report import format_side_by_side, plan_to_dict, summar
 
 def plans_from_profile(job, prof: Profile, dp: int = 1) -> dict:
     """{"profile", "uniform", "cost"} StagePlans, all costed with the measured units."""
-    from splitllama.config.resolve import num_microbatches, units_for_job  # lazy: resolve imports pipeline
+    from splitllama.preflight.resolve import num_microbatches, units_for_job  # lazy: resolve imports pipeline
 
     par, tr = job.parallel, job.train
     pp = par.pipeline_model_parallel_size
@@ -69,7 +69,7 @@ def run(job, dp: int = 1, take: bool = False, out: Optional[str] = None, as_json
     if take:
         import torch.distributed as dist
 
-        from splitllama.pipeline.profile import save, take_profile
+        from splitllama.planning.profile import save, take_profile
 
         prof = take_profile(job, warmup, reps)
         save(prof, path)
@@ -95,7 +95,7 @@ def run(job, dp: int = 1, take: bool = False, out: Optional[str] = None, as_json
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m splitllama.pipeline.profile_cli --config JOB.yaml --profile-out FILE``."""
+    """``python -m splitllama.planning.profile_cli --config JOB.yaml --profile-out FILE``."""
     from splitllama.config.job import load_job_config, normalize_argv
     from splitllama.errors import cli_main
 
@@ -108,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.add_argument("--reps", type=int, default=10)
         args, rest = ap.parse_known_args(argv)
         job = load_job_config(args.config, normalize_argv(rest))
-        from splitllama.pipeline.profile import save, take_profile, unit_load
+        from splitllama.planning.profile import save, take_profile, unit_load
 
         if args.unit_load:
             unit_load(job, args.unit_load)

@@ -1,0 +1,1 @@
+"""Planning tools above training: the profiler (builds a training `Runtime`) and the planning CLIs."""

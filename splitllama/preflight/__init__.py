@@ -1,0 +1,1 @@
+"""Pre-flight: every decision of a run, made once before torch.distributed starts, into a frozen `RunPlan`."""
