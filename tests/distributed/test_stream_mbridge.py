@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
+from tests import sidevenv
 from splitllama.convert.export_hf import export_hf
 from splitllama.convert.import_hf import import_hf
 from tests.distributed.convert_worker import make_sources
@@ -25,16 +26,6 @@ from tests.launch import REPO
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = REPO / "tests/distributed/stream_mbridge_worker.py"
 TOL = 2e-5
-
-
-def _python() -> str:
-    py = os.environ.get("SPLITLLAMA_VERLMEG_PYTHON", "")
-    if not Path(py).exists():
-        msg = "no veRL-Megatron venv (SPLITLLAMA_VERLMEG_PYTHON; verl 0.9.1 + mbridge 0.15.1: .ci/verl_venv.sh)"
-        if os.environ.get("SPLITLLAMA_REQUIRE_VERL") == "1":
-            pytest.fail(msg)  # CI builds it: a missing venv fails instead of skipping
-        pytest.skip(msg)
-    return py
 
 
 def _rel(a, b) -> float:
@@ -70,7 +61,7 @@ def _run(py, tmp, export, name, critic):
 
 @pytest.mark.parametrize("name", ["lm", "critic"])
 def test_bridge_pieces_equal_the_export(exports, name):
-    py = _python()
+    py = sidevenv.python("SPLITLLAMA_VERLMEG_PYTHON", "SPLITLLAMA_REQUIRE_VERL", script=".ci/verl_venv.sh")
     tmp, paths, seqs = exports
     ranks = _run(py, tmp, paths[name], name, name == "critic")
     ref = load_file(Path(paths[name]) / "model.safetensors")

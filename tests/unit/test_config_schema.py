@@ -47,23 +47,23 @@ def _bomb_in_data_path() -> str:
     return "\n".join(out) + "\n"
 
 
-# name: (argv maker, expected line)
+# name: (overrides of the tiny job, or an argv maker, expected line)
 CASES = {
-    "unknown_optimizer": (lambda t: TINY + ["optimizer.optimizer=adamz"],
+    "unknown_optimizer": (["optimizer.optimizer=adamz"],
                           r"optimizer\.optimizer: 'adamz' is not one of adam \| sgd"),
-    "unknown_decay_style": (lambda t: TINY + ["optimizer.lr_decay_style=cosin"],
+    "unknown_decay_style": (["optimizer.lr_decay_style=cosin"],
                             r"optimizer\.lr_decay_style: 'cosin' is not one of cosine \| linear \| constant"),
-    "min_lr_above_lr": (lambda t: TINY + ["optimizer.min_lr=0.1"],
+    "min_lr_above_lr": (["optimizer.min_lr=0.1"],
                         r"optimizer\.min_lr=0\.1 is above optimizer\.lr=0\.01"),
-    "lr_infinite": (lambda t: TINY + ["optimizer.lr=1e999"], r"optimizer\.lr: expected a finite number, got inf"),
-    "lr_zero": (lambda t: TINY + ["optimizer.lr=0"], r"optimizer\.lr must be > 0, got 0\.0"),
-    "clip_negative": (lambda t: TINY + ["optimizer.clip_grad=-1"], r"optimizer\.clip_grad must be >= 0, got -1\.0"),
-    "warmup_negative": (lambda t: TINY + ["optimizer.lr_warmup_iters=-3"],
+    "lr_infinite": (["optimizer.lr=1e999"], r"optimizer\.lr: expected a finite number, got inf"),
+    "lr_zero": (["optimizer.lr=0"], r"optimizer\.lr must be > 0, got 0\.0"),
+    "clip_negative": (["optimizer.clip_grad=-1"], r"optimizer\.clip_grad must be >= 0, got -1\.0"),
+    "warmup_negative": (["optimizer.lr_warmup_iters=-3"],
                         r"optimizer\.lr_warmup_iters must be >= 0, got -3"),
-    "beta_one": (lambda t: TINY + ["optimizer.adam_beta2=1.0"], r"optimizer\.adam_beta2 must be < 1, got 1\.0"),
-    "layers_out_of_range": (lambda t: TINY + ["model.num_layers_lower=5"],
+    "beta_one": (["optimizer.adam_beta2=1.0"], r"optimizer\.adam_beta2 must be < 1, got 1\.0"),
+    "layers_out_of_range": (["model.num_layers_lower=5"],
                             r"model\.num_layers_lower=5 out of range: the source model has 4 layers"),
-    "block_not_a_block": (lambda t: TINY + ["model.lower=5"], r"model\.lower: expected a preset name .* got 5"),
+    "block_not_a_block": (["model.lower=5"], r"model\.lower: expected a preset name .* got 5"),
     "block_string_hidden_size": (lambda t: _yaml(t, "model:\n  lower: {preset: tiny_lower, hidden_size: wide}\n"),
                                  r"model\.lower\.hidden_size: expected an integer, got 'wide'"),
     "block_misspelled_field": (lambda t: _yaml(t, "model:\n  lower: {preset: tiny_lower, hiden_size: 64}\n"),
@@ -72,21 +72,21 @@ CASES = {
                                                     "num_attention_heads: 4, num_key_value_heads: 2, "
                                                     "num_hidden_layers: 4, vocab_size: 512, rms_norm_esp: 1.0e-5}\n"),
                                  r"unknown key 'model\.lower\.rms_norm_esp'"),
-    "blend_weight_inf": (lambda t: TINY + ["data.mock=false", "data.data_path=[inf,a,1,b]"],
+    "blend_weight_inf": (["data.mock=false", "data.data_path=[inf,a,1,b]"],
                          r"data\.data_path: weight 'inf' for 'a' must be a finite number > 0"),
     "data_path_numbers": (lambda t: _yaml(t, "data:\n  mock: false\n  data_path: [1, 2]\n"),
                           r"data\.data_path\[1\]: '2' is a number where a file prefix was expected"),
     "data_path_nested": (lambda t: _yaml(t, "data:\n  mock: false\n  data_path: [[a], b]\n"),
                          r"data\.data_path\[0\]: expected a string, got \['a'\]"),
-    "split_without_training": (lambda t: TINY + ["data.split=0,1,0"],
+    "split_without_training": (["data.split=0,1,0"],
                                r"data\.split='0,1,0' has no training part"),
-    "eval_only_without_load": (lambda t: TINY + ["train.eval_only=true"],
+    "eval_only_without_load": (["train.eval_only=true"],
                                r"train\.eval_only=true needs checkpoint\.load"),
-    "finetune_without_load": (lambda t: TINY + ["checkpoint.finetune=true"],
+    "finetune_without_load": (["checkpoint.finetune=true"],
                               r"checkpoint\.finetune=true needs checkpoint\.load"),
-    "eval_without_valid_split": (lambda t: TINY + ["data.split=1,0,0"],  # tiny.yaml sets eval_interval
+    "eval_without_valid_split": (["data.split=1,0,0"],  # tiny.yaml sets eval_interval
                                  r"train\.eval_interval=125 asks for evaluation but data\.split='1,0,0' has no validation part"),
-    "recompute_method_without_full": (lambda t: TINY + ["train.recompute_method=block"],
+    "recompute_method_without_full": (["train.recompute_method=block"],
                                       r"train\.recompute_method='block' needs train\.recompute_granularity=full"),
     "bool_not_bool": (lambda t: _yaml(t, "train:\n  bf16: 3\n"), r"train\.bf16: expected true/false, got 3"),
     "null_not_allowed": (lambda t: _yaml(t, "train:\n  seed: null\n"), r"train\.seed: null is not allowed"),
@@ -100,10 +100,14 @@ CASES = {
 }
 
 
+def _argv(spec, tmp_path) -> list[str]:
+    return TINY + spec if isinstance(spec, list) else spec(tmp_path)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_value_is_one_line_exit_2(case, tmp_path, capsys):
-    make, pattern = CASES[case]
-    rc = entry.main(make(tmp_path))
+    spec, pattern = CASES[case]
+    rc = entry.main(_argv(spec, tmp_path))
     out = capsys.readouterr()
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert rc == 2, (rc, out.err[-2000:])
@@ -133,7 +137,7 @@ def test_refused_before_torch_and_megatron_are_imported(tmp_path):
            "split_without_training"]
     for c in bad:
         (tmp_path / c).mkdir()
-    argvs = [CASES[c][0](tmp_path / c) for c in bad]
+    argvs = [_argv(CASES[c][0], tmp_path / c) for c in bad]
     code = ("import json, sys\nfrom splitllama import entry\nrcs = [entry.main(a) for a in json.loads(sys.argv[1])]\n"
             "print(json.dumps({'rcs': rcs, 'heavy': sorted(m for m in ('torch', 'megatron') if m in sys.modules)}))")
     res = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], cwd=REPO, capture_output=True,

@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests import sidevenv
 from splitllama.convert.cli import main as convert
 from tests import apprun
 
@@ -39,16 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("worker.py")
 VOCAB, TOL = 512, 1e-5
 PROMPT_LENS, RESPONSE_LENS = [6, 4, 5, 3], [5, 3, 4, 2]  # 4 sequences: 2 per rank at 2 processes
-
-
-def _verl_python() -> str:
-    python = os.environ.get("SPLITLLAMA_VERL_PYTHON") or str(ROOT / ".venv-verl" / "bin" / "python")
-    if not Path(python).exists():
-        why = f"no veRL venv at {python} (bash .ci/verl_venv.sh)"
-        if os.environ.get("SPLITLLAMA_REQUIRE_VERL") == "1":
-            pytest.fail(f"SPLITLLAMA_REQUIRE_VERL=1 but {why}")
-        pytest.skip(why)
-    return python
 
 
 def _tokenizer(path: Path) -> Path:
@@ -80,7 +71,7 @@ def _batch(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    python = _verl_python()
+    python = sidevenv.verl_python()
     tmp = tmp_path_factory.mktemp("verl")
     ckpt, critic_ckpt = tmp / "ckpt", tmp / "critic_ckpt"
     apprun.run(1, ["model.mlp=true", "train.train_iters=3", "optimizer.lr_warmup_iters=1",

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests import sidevenv
 from splitllama.hf.build import (
     critic_from_causal_lm,
     save_pretrained_with_code,
@@ -42,15 +43,7 @@ pytestmark = pytest.mark.slow
 
 
 def _python(var, require, default) -> str:
-    if var is None:
-        return sys.executable
-    python = os.environ.get(var) or str(ROOT / default / "bin" / "python")
-    if not Path(python).exists():
-        why = f"no venv at {python} ({var})"
-        if os.environ.get(require) == "1":
-            pytest.fail(f"{require}=1 but {why}")
-        pytest.skip(why)
-    return python
+    return sys.executable if var is None else sidevenv.python(var, require, default)
 
 
 @pytest.fixture(scope="module")

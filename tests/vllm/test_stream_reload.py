@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import sidevenv
 from splitllama.convert.export_hf import export_hf
 from splitllama.convert.import_hf import import_hf
 from splitllama.hf.build import tiny_llama_configs, tiny_llama_from_config
@@ -29,19 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 N, M, MAX_NEW, LOGPROB_TOL, MIN_MARGIN = 2, 3, 8, 2e-4, 1e-3
 
 
-def _vllm_python() -> str:
-    python = os.environ.get("SPLITLLAMA_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-    if not Path(python).exists():
-        why = f"no vLLM venv at {python} (bash .ci/vllm_venv.sh)"
-        if os.environ.get("SPLITLLAMA_REQUIRE_VLLM") == "1":
-            pytest.fail(f"SPLITLLAMA_REQUIRE_VLLM=1 but {why}")
-        pytest.skip(why)
-    return python
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    python = _vllm_python()
+    python = sidevenv.vllm_python()
     tmp = tmp_path_factory.mktemp("stream_reload")
     lo, up = tiny_llama_configs()
     lo.update(hidden_size=64, intermediate_size=160, num_attention_heads=2, num_key_value_heads=2, head_dim=32)

